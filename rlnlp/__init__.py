@@ -1,0 +1,26 @@
+"""rlnlp — reinforcement learning on language models, one coherent workbook package.
+
+The shared core (every system builds on these; systems never import each other):
+
+    runtime   profile(), device(), dtype(), seed_everything(), pick(), banner()
+    models    load_policy(), load_encoder(), TextEncoder, attach_lora(), completion_logprobs(), kl_k3()
+    sampling  sample() — the one batched sampler
+    returns   discounted_returns(), gae()
+    envs      the text-environment protocol (reset/step), Episode, rollout(), VecEnv
+    tracking  Tracker (metrics -> DataFrame / runs/<name>/metrics.csv), progress()
+    plots     every figure; save() into visualizations/
+    widgets   stepper(), scrubber()
+    data      wikipedia_summaries(), twenty_questions(), data_dir()
+"""
+from .models import (EmbeddedModelMissing, TextEncoder, attach_lora, completion_logprobs, kl_k3, load_encoder,
+                     load_policy, load_tokenizer, masked_mean)
+from .returns import discounted_returns, gae
+from .runtime import banner, device, dtype, pick, profile, seed_everything
+from .sampling import Samples, sample
+from .tracking import Tracker, progress
+
+__all__ = [
+    "EmbeddedModelMissing", "TextEncoder", "attach_lora", "completion_logprobs", "kl_k3", "load_encoder",
+    "load_policy", "load_tokenizer", "masked_mean", "discounted_returns", "gae", "banner", "device", "dtype",
+    "pick", "profile", "seed_everything", "Samples", "sample", "Tracker", "progress",
+]

@@ -1,0 +1,103 @@
+"""The environment protocol every text environment speaks, plus episodes and vectorised rollouts.
+
+    reset(seed) -> observation text
+    step(action text) -> (observation text, reward, done, info)
+
+Multi-step text environments, single-turn task sets and the YAML task files all implement it.
+An environment with a fixed action set lists it in ``actions`` (discrete-action agents index it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class TextEnv(Protocol):
+    actions: list[str] | None
+
+    def reset(self, seed: int | None = None) -> str: ...
+
+    def step(self, action: str) -> tuple[str, float, bool, dict]: ...
+
+
+@dataclass
+class Episode:
+    """One episode: observations[t] is what the agent saw before actions[t]; len(observations) = len(actions) + 1."""
+
+    observations: list[str] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    infos: list[dict] = field(default_factory=list)
+    done: bool = False  # ended by the environment (not by the step cap)
+
+    @property
+    def total_reward(self) -> float:
+        return float(sum(self.rewards))
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    def steps(self) -> list[dict]:
+        """One dict per step (for tables and widgets)."""
+        return [
+            {"step": t, "observation": self.observations[t], "action": a, "reward": r, **self.infos[t]}
+            for t, (a, r) in enumerate(zip(self.actions, self.rewards))
+        ]
+
+
+def rollout(env: TextEnv, policy: Callable[[str], str], seed: int | None = None, max_steps: int = 100) -> Episode:
+    """Run one episode of ``env`` with ``policy(observation) -> action``."""
+    ep = Episode(observations=[env.reset(seed)])
+    for _ in range(max_steps):
+        action = policy(ep.observations[-1])
+        obs, reward, done, info = env.step(action)
+        ep.actions.append(action)
+        ep.rewards.append(float(reward))
+        ep.infos.append(dict(info))
+        ep.observations.append(obs)
+        if done:
+            ep.done = True
+            break
+    return ep
+
+
+class VecEnv:
+    """N copies of an environment stepped together, auto-resetting finished ones (for batched rollouts).
+
+    ``step`` returns the next observations (already reset where an episode ended); the ended
+    episode's last observation is in ``info["final_observation"]``.
+    """
+
+    def __init__(self, make_env: Callable[[], TextEnv], n: int, seed: int = 0):
+        if n < 1:
+            raise ValueError(f"VecEnv needs n ≥ 1, got {n}")
+        self.envs = [make_env() for _ in range(n)]
+        self.actions = self.envs[0].actions
+        self._next_seed = seed
+
+    def __len__(self) -> int:
+        return len(self.envs)
+
+    def _seed(self) -> int:
+        self._next_seed += 1
+        return self._next_seed - 1
+
+    def reset(self) -> list[str]:
+        return [env.reset(self._seed()) for env in self.envs]
+
+    def step(self, actions: list[str]) -> tuple[list[str], list[float], list[bool], list[dict]]:
+        if len(actions) != len(self.envs):
+            raise ValueError(f"VecEnv.step got {len(actions)} actions for {len(self.envs)} environments")
+        obs, rewards, dones, infos = [], [], [], []
+        for env, action in zip(self.envs, actions):
+            o, r, d, info = env.step(action)
+            info = dict(info)
+            if d:
+                info["final_observation"] = o
+                o = env.reset(self._seed())
+            obs.append(o)
+            rewards.append(float(r))
+            dones.append(bool(d))
+            infos.append(info)
+        return obs, rewards, dones, infos

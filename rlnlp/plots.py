@@ -1,0 +1,183 @@
+"""Every figure in the workbook: labelled axes and units, a baseline or reference line where one
+exists, a title that says what to notice. ``save(fig, name)`` writes into visualizations/
+(smoke-profile figures go to visualizations/smoke/ and carry a label saying so).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .runtime import profile as active_profile
+
+BASELINE_STYLE = dict(color="0.35", linestyle="--", linewidth=1.2)
+REFERENCE_STYLE = dict(color="tab:red", linestyle=":", linewidth=1.5)
+
+
+def visualizations_dir() -> Path:
+    return Path(os.environ.get("RLNLP_VIS", Path(__file__).resolve().parent.parent / "visualizations"))
+
+
+def smooth(y: Sequence[float], window: int) -> np.ndarray:
+    """Trailing moving average (window 1 = unchanged); NaNs are skipped."""
+    y = np.asarray(y, dtype=float)
+    if window <= 1 or len(y) == 0:
+        return y
+    out = np.empty_like(y)
+    for i in range(len(y)):
+        chunk = y[max(0, i - window + 1) : i + 1]
+        chunk = chunk[~np.isnan(chunk)]
+        out[i] = chunk.mean() if len(chunk) else np.nan
+    return out
+
+
+def _axes(ax, figsize=(6.4, 3.8)):
+    if ax is not None:
+        return ax.figure, ax
+    fig, ax = plt.subplots(figsize=figsize, layout="constrained")
+    return fig, ax
+
+
+def _baselines(ax, baselines: Mapping[str, float] | None, horizontal: bool = True):
+    styles = ["--", ":", "-."]
+    for i, (label, value) in enumerate((baselines or {}).items()):
+        if value is None or not np.isfinite(value):
+            continue
+        style = dict(BASELINE_STYLE, linestyle=styles[i % len(styles)])
+        (ax.axhline if horizontal else ax.axvline)(value, label=f"{label} ({value:.3g})", **style)
+
+
+def curves(data, x: str, ys: Sequence[str] | str, *, labels: Sequence[str] | None = None,
+           baselines: Mapping[str, float] | None = None, title: str = "", xlabel: str | None = None,
+           ylabel: str = "", window: int = 1, ax=None, raw_alpha: float = 0.25):
+    """Line plot of one or more columns of a DataFrame (or dict of arrays) against ``x``.
+
+    With ``window`` > 1 the raw series is drawn faintly and its moving average on top.
+    ``baselines`` draws labelled horizontal reference lines (e.g. {"random policy": 1/256}).
+    """
+    fig, ax = _axes(ax)
+    ys = [ys] if isinstance(ys, str) else list(ys)
+    labels = list(labels) if labels else ys
+    for y, label in zip(ys, labels):
+        if y not in data:
+            raise KeyError(f"no column {y!r} to plot (have: {sorted(data.keys())[:20]})")
+        xs = np.asarray(data[x], dtype=float)
+        vs = np.asarray(data[y], dtype=float)
+        keep = ~np.isnan(vs)
+        xs, vs = xs[keep], vs[keep]
+        if window > 1:
+            line, = ax.plot(xs, vs, alpha=raw_alpha, linewidth=0.8)
+            ax.plot(xs, smooth(vs, window), color=line.get_color(), label=f"{label} (avg of {window})")
+        else:
+            ax.plot(xs, vs, label=label, marker="o" if len(xs) < 30 else None, markersize=3)
+    _baselines(ax, baselines)
+    ax.set(title=title, xlabel=xlabel or x, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def heatmap(matrix, *, title: str = "", xlabel: str = "", ylabel: str = "", xticklabels=None, yticklabels=None,
+            cbar_label: str = "", annotate: bool | None = None, marks: Sequence[tuple[int, int]] | None = None,
+            cmap: str = "viridis", vmin=None, vmax=None, ax=None, fmt: str = ".2g"):
+    """A labelled heatmap; ``marks`` outlines cells (row, col), e.g. the key chosen at each step."""
+    m = np.asarray(matrix, dtype=float)
+    fig, ax = _axes(ax, figsize=(max(4.0, 0.5 * m.shape[1] + 2), max(3.0, 0.4 * m.shape[0] + 1.5)))
+    im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    cb = fig.colorbar(im, ax=ax)
+    cb.set_label(cbar_label)
+    if annotate is None:
+        annotate = m.size <= 64
+    if annotate:
+        for (i, j), v in np.ndenumerate(m):
+            if np.isfinite(v):
+                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
+                        color="white" if im.norm(v) < 0.5 else "black")
+    for (i, j) in marks or []:
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    if xticklabels is not None:
+        ax.set_xticks(range(len(xticklabels)), xticklabels, rotation=45 if max(map(len, map(str, xticklabels))) > 3 else 0, ha="right", fontsize=8)
+    if yticklabels is not None:
+        ax.set_yticks(range(len(yticklabels)), yticklabels, fontsize=8)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    return fig
+
+
+def heatmaps(matrices: Sequence, titles: Sequence[str], *, suptitle: str = "", shared_scale: bool = True, **kw):
+    """Several heatmaps side by side on one colour scale (e.g. one 4×4 grid per orientation)."""
+    n = len(matrices)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.3), layout="constrained", squeeze=False)
+    if shared_scale:
+        allv = np.concatenate([np.asarray(m, float).ravel() for m in matrices])
+        kw.setdefault("vmin", np.nanmin(allv))
+        kw.setdefault("vmax", np.nanmax(allv))
+    for ax, m, t in zip(axes[0], matrices, titles):
+        heatmap(m, title=t, ax=ax, **kw)
+    fig.suptitle(suptitle)
+    return fig
+
+
+def versus(reference, predicted, *, title: str = "", xlabel: str = "exact", ylabel: str = "predicted", ax=None,
+           labels: Sequence[str] | None = None):
+    """Scatter of predictions against exact values with the y = x line and Spearman ρ in the legend."""
+    from scipy.stats import spearmanr
+
+    ref, pred = np.asarray(reference, float), np.asarray(predicted, float)
+    fig, ax = _axes(ax, figsize=(4.6, 4.2))
+    rho = spearmanr(ref, pred).statistic if len(ref) > 2 else float("nan")
+    ax.scatter(ref, pred, s=14, alpha=0.7, label=f"states (Spearman ρ = {rho:.3f})")
+    lo, hi = np.nanmin([ref.min(), pred.min()]), np.nanmax([ref.max(), pred.max()])
+    ax.plot([lo, hi], [lo, hi], label="y = x (perfect)", **REFERENCE_STYLE)
+    for i, text in enumerate(labels or []):
+        ax.annotate(text, (ref[i], pred[i]), fontsize=6)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def bars(labels: Sequence[str], values: Sequence[float], *, errors: Sequence[float] | None = None,
+         baselines: Mapping[str, float] | None = None, title: str = "", ylabel: str = "", xlabel: str = "",
+         ax=None, horizontal: bool = False, color=None):
+    """Bar chart with optional error bars (e.g. 95% intervals) and labelled reference lines."""
+    fig, ax = _axes(ax, figsize=(max(4.5, 0.45 * len(labels) + 2), 3.8) if not horizontal else (6, max(3, 0.3 * len(labels) + 1)))
+    pos = np.arange(len(labels))
+    if horizontal:
+        ax.barh(pos, values, xerr=errors, color=color, capsize=3)
+        ax.set_yticks(pos, labels, fontsize=8)
+        ax.invert_yaxis()
+        _baselines(ax, baselines, horizontal=False)
+        ax.set(title=title, xlabel=ylabel, ylabel=xlabel)
+    else:
+        ax.bar(pos, values, yerr=errors, color=color, capsize=3)
+        ax.set_xticks(pos, labels, rotation=30 if max(map(len, map(str, labels))) > 6 else 0, ha="right", fontsize=8)
+        _baselines(ax, baselines)
+        ax.set(title=title, ylabel=ylabel, xlabel=xlabel)
+    ax.grid(alpha=0.3, axis="x" if horizontal else "y")
+    if baselines:
+        ax.legend(fontsize=8)
+    return fig
+
+
+def token_weights(tokens: Sequence[str], weights: Sequence[float], *, title: str = "", highlight: Sequence[int] = (), ax=None):
+    """Weights over the tokens of one text (e.g. attention pooling): a bar per token, highlighted ones in red."""
+    w = np.asarray(weights, float)
+    colors = ["tab:red" if i in set(highlight) else "tab:blue" for i in range(len(tokens))]
+    return bars(list(tokens), w, title=title, ylabel="weight", ax=ax, color=colors,
+                baselines={"uniform": 1.0 / max(1, len(tokens))})
+
+
+def save(fig, name: str, prof: str | None = None) -> Path:
+    """Write ``fig`` as PNG: visualizations/<name>.png for the full profile, visualizations/smoke/<name>.png
+    (labelled "smoke profile") otherwise. Returns the path."""
+    prof = active_profile(prof)
+    folder = visualizations_dir() / ("smoke" if prof == "smoke" else "")
+    folder.mkdir(parents=True, exist_ok=True)
+    if prof == "smoke":
+        fig.text(0.99, 0.005, "smoke profile (tiny CPU budget)", ha="right", va="bottom", fontsize=7, color="0.4")
+    path = folder / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path

@@ -1,0 +1,96 @@
+"""Profiles, device and dtype, seeding, and the banner every notebook prints first.
+
+Two profiles share one code path:
+
+* ``full``  — the default when CUDA is available: real budgets, minutes on one GPU.
+* ``smoke`` — the default without CUDA (or forced with ``RLNLP_PROFILE=smoke``): tiny budgets,
+  at most a few minutes on a 2-core CPU, still asserting something real.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import random
+from dataclasses import fields, is_dataclass
+
+import numpy as np
+import torch
+
+PROFILES = ("smoke", "full")
+
+
+def profile(override: str | None = None) -> str:
+    """The active profile: ``override``, else ``$RLNLP_PROFILE``, else ``full`` with CUDA, ``smoke`` without."""
+    name = override or os.environ.get("RLNLP_PROFILE") or ("full" if torch.cuda.is_available() else "smoke")
+    name = name.strip().lower()
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r} (from RLNLP_PROFILE or the argument): use one of {PROFILES}")
+    return name
+
+
+def device() -> torch.device:
+    """``cuda`` when available, else ``cpu`` (override with ``$RLNLP_DEVICE``)."""
+    name = os.environ.get("RLNLP_DEVICE")
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def dtype(dev: torch.device | None = None) -> torch.dtype:
+    """bf16 on a GPU that supports it, fp32 elsewhere (CPU bf16 matmuls are slow and imprecise)."""
+    dev = dev or device()
+    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def pick(config_cls, prof: str | None = None, **overrides):
+    """Instantiate ``config_cls.smoke()`` or ``config_cls.full()`` for the active profile, then apply overrides."""
+    prof = profile(prof)
+    cfg = getattr(config_cls, prof)()
+    if overrides:
+        if not is_dataclass(cfg):
+            raise TypeError(f"{config_cls.__name__} is not a dataclass")
+        names = {f.name for f in fields(cfg)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise TypeError(f"{config_cls.__name__} has no field(s) {sorted(unknown)}")
+        for key, value in overrides.items():
+            setattr(cfg, key, value)
+    return cfg
+
+
+def banner(title: str, prof: str | None = None, seed: int | None = None, expected: dict | None = None) -> dict:
+    """Print (and return) one line per fact a reader needs before running a notebook.
+
+    ``expected`` maps a profile name to its expected wall time, e.g. ``{"smoke": "3 min on a 2-core CPU"}``.
+    """
+    prof = profile(prof)
+    dev = device()
+    info = {
+        "notebook": title,
+        "profile": prof,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "dtype": str(dtype(dev)).replace("torch.", ""),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if seed is not None:
+        info["seed"] = seed
+    if expected and prof in expected:
+        info["expected run time"] = expected[prof]
+    width = max(len(k) for k in info)
+    print("=" * 72)
+    for key, value in info.items():
+        print(f"{key:>{width}} : {value}")
+    print("=" * 72)
+    return info

@@ -62,6 +62,32 @@ def rollout(env: TextEnv, policy: Callable[[str], str], seed: int | None = None,
     return ep
 
 
+def rollout_many(envs: list[TextEnv], policy: Callable[[list[str]], list[str]], seeds: list[int | None] | None = None,
+                 max_steps: int = 100) -> list[Episode]:
+    """Run one episode in each env in lockstep: ``policy(observations) -> actions`` is called ONCE per
+    step for every episode still running, so an LM policy samples them in one batch."""
+    seeds = seeds if seeds is not None else [None] * len(envs)
+    if len(seeds) != len(envs):
+        raise ValueError(f"rollout_many got {len(seeds)} seeds for {len(envs)} environments")
+    episodes = [Episode(observations=[env.reset(seed)]) for env, seed in zip(envs, seeds)]
+    for _ in range(max_steps):
+        running = [i for i, ep in enumerate(episodes) if not ep.done]
+        if not running:
+            break
+        actions = policy([episodes[i].observations[-1] for i in running])
+        if len(actions) != len(running):
+            raise ValueError(f"the policy returned {len(actions)} actions for {len(running)} observations")
+        for i, action in zip(running, actions):
+            obs, reward, done, info = envs[i].step(action)
+            ep = episodes[i]
+            ep.actions.append(action)
+            ep.rewards.append(float(reward))
+            ep.infos.append(dict(info))
+            ep.observations.append(obs)
+            ep.done = bool(done)
+    return episodes
+
+
 class VecEnv:
     """N copies of an environment stepped together, auto-resetting finished ones (for batched rollouts).
 

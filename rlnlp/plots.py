@@ -166,8 +166,12 @@ def token_weights(tokens: Sequence[str], weights: Sequence[float], *, title: str
     """Weights over the tokens of one text (e.g. attention pooling): a bar per token, highlighted ones in red."""
     w = np.asarray(weights, float)
     colors = ["tab:red" if i in set(highlight) else "tab:blue" for i in range(len(tokens))]
-    return bars(list(tokens), w, title=title, ylabel="weight", ax=ax, color=colors,
-                baselines={"uniform": 1.0 / max(1, len(tokens))})
+    fig = bars(list(tokens), w, title=title, ylabel="weight", ax=ax, color=colors,
+               baselines={"uniform": 1.0 / max(1, len(tokens))})
+    labels = (ax or fig.axes[0]).get_xticklabels()
+    for i in highlight:  # a highlighted token with near-zero weight would otherwise be invisible
+        labels[i].set_color("tab:red")
+    return fig
 
 
 def save(fig, name: str, prof: str | None = None) -> Path:

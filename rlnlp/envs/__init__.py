@@ -1,5 +1,6 @@
 """Text environments: the protocol (``base``) and one module per environment or task family."""
 from .base import Episode, TextEnv, VecEnv, rollout, rollout_many
 from .guess_number import GuessNumber, bisect_policy
+from .instruction_maze import InstructionMaze
 
-__all__ = ["Episode", "TextEnv", "VecEnv", "rollout", "rollout_many", "GuessNumber", "bisect_policy"]
+__all__ = ["Episode", "TextEnv", "VecEnv", "rollout", "rollout_many", "GuessNumber", "bisect_policy", "InstructionMaze"]

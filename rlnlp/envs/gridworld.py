@@ -113,7 +113,7 @@ class GridWorld:
         self.steps += 1
         self.done = reached or self.steps >= self.max_steps
         info = {"state": self.state, "previous_state": before, "moves_used": used, "reached_goal": reached,
-                "info_text": self.info_text}
+                "truncated": self.done and not reached, "info_text": self.info_text}
         return self.describe(), reward, self.done, info
 
 

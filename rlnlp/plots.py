@@ -98,6 +98,10 @@ def heatmap(matrix, *, title: str = "", xlabel: str = "", ylabel: str = "", xtic
                         color="white" if im.norm(v) < 0.5 else "black")
     for (i, j) in marks or []:
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    if xticklabels is None and m.shape[1] <= 20:  # integer ticks, not matplotlib's half-integers
+        xticklabels = list(range(m.shape[1]))
+    if yticklabels is None and m.shape[0] <= 20:
+        yticklabels = list(range(m.shape[0]))
     if xticklabels is not None:
         ax.set_xticks(range(len(xticklabels)), xticklabels, rotation=45 if max(map(len, map(str, xticklabels))) > 3 else 0, ha="right", fontsize=8)
     if yticklabels is not None:

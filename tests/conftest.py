@@ -4,7 +4,8 @@ import torch
 
 @pytest.fixture(scope="session")
 def policy():
-    """The embedded SmolLM2 (converted once, cached), shared by every test that needs it."""
+    """The embedded SmolLM2 (converted once, cached), shared by every test: read-only — a test that
+    attaches LoRA or trains loads its own copy (LoRA freezes the base weights in place)."""
     from rlnlp.models import load_policy
 
     torch.manual_seed(0)

@@ -183,42 +183,39 @@ def test_simpo_loss_by_hand_and_length_normalised():
 
 # ---- the real actor: prompt, sampling, one SimPO run ------------------------------------------------
 @pytest.mark.slow
-def test_actor_proposes_and_simpo_moves_margin(policy):
-    from rlnlp.models import attach_lora
+def test_actor_proposes_and_simpo_moves_margin():
+    from rlnlp.models import attach_lora, load_policy
     from rlnlp.sampling import Samples
 
-    model, tok = policy
+    model, tok = load_policy(device="cpu", dtype=torch.float32)  # its own copy: LoRA freezes the base weights
     cfg = LactChainConfig.smoke()
     cfg.max_new_tokens, cfg.simpo_lr, cfg.simpo_epochs, cfg.simpo_batch = 6, 2e-3, 3, 2
     model = attach_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-    try:
-        env = GridWorld()
-        actor = Actor(model, tok, env, cfg)
-        states = [(0, 0, 0), (3, 2, 1)]
-        props = actor.propose(states, n=2, seed=0)
-        assert len(props.parsed) == 4 and props.samples.prompt_index.tolist() == [0, 0, 1, 1]
-        assert all(t.startswith(ANSWER_PREFIX) for t in props.texts)
-        assert "(3, 2) facing east" in actor.prompts(states)[1] and actor.prompts(states)[0].endswith(ANSWER_PREFIX)
+    env = GridWorld()
+    actor = Actor(model, tok, env, cfg)
+    states = [(0, 0, 0), (3, 2, 1)]
+    props = actor.propose(states, n=2, seed=0)
+    assert len(props.parsed) == 4 and props.samples.prompt_index.tolist() == [0, 0, 1, 1]
+    assert all(t.startswith(ANSWER_PREFIX) for t in props.texts)
+    assert "(3, 2) facing east" in actor.prompts(states)[1] and actor.prompts(states)[0].endswith(ANSWER_PREFIX)
 
-        # hand-made pairs: a valid answer is preferred to garbage, for two states
-        good = 'go", "moves": ["turn left"]}'
-        bad = 'banana banana banana'
-        prompts = actor.prompts(states)
-        enc_p = tok([prompts[0], prompts[0], prompts[1], prompts[1]], return_tensors="pt", padding=True, add_special_tokens=False)
-        tok.padding_side = "right"
-        enc_c = tok([good, bad, good, bad], return_tensors="pt", padding=True, add_special_tokens=False)
-        tok.padding_side = "left"
-        samples = Samples(prompts=prompts, prompt_texts=prompts, prompt_index=torch.tensor([0, 0, 1, 1]),
-                          prompt_ids=enc_p["input_ids"], prompt_mask=enc_p["attention_mask"],
-                          completion_ids=enc_c["input_ids"], completion_mask=enc_c["attention_mask"],
-                          logprobs=torch.zeros(enc_c["input_ids"].shape), texts=[good, bad, good, bad])
-        pairs = PreferencePairs(Proposals(states, samples, []), [], [1.0, 0.0, 1.0, 0.0], [0.0] * 4,
-                                chosen=[0, 2], rejected=[1, 3])
-        before = preference_stats(model, pairs, cfg)
-        history = train_simpo(model, pairs, cfg)
-        after = preference_stats(model, pairs, cfg)
-        assert len(history) == cfg.simpo_epochs
-        assert after["stats/margin"] > before["stats/margin"]
-        assert after["losses/simpo"] < before["losses/simpo"]
-    finally:
-        model.unload()  # leave the shared session model without adapters
+    # hand-made pairs: a valid answer is preferred to garbage, for two states
+    good = 'go", "moves": ["turn left"]}'
+    bad = 'banana banana banana'
+    prompts = actor.prompts(states)
+    enc_p = tok([prompts[0], prompts[0], prompts[1], prompts[1]], return_tensors="pt", padding=True, add_special_tokens=False)
+    tok.padding_side = "right"
+    enc_c = tok([good, bad, good, bad], return_tensors="pt", padding=True, add_special_tokens=False)
+    tok.padding_side = "left"
+    samples = Samples(prompts=prompts, prompt_texts=prompts, prompt_index=torch.tensor([0, 0, 1, 1]),
+                      prompt_ids=enc_p["input_ids"], prompt_mask=enc_p["attention_mask"],
+                      completion_ids=enc_c["input_ids"], completion_mask=enc_c["attention_mask"],
+                      logprobs=torch.zeros(enc_c["input_ids"].shape), texts=[good, bad, good, bad])
+    pairs = PreferencePairs(Proposals(states, samples, []), [], [1.0, 0.0, 1.0, 0.0], [0.0] * 4,
+                            chosen=[0, 2], rejected=[1, 3])
+    before = preference_stats(model, pairs, cfg)
+    history = train_simpo(model, pairs, cfg)
+    after = preference_stats(model, pairs, cfg)
+    assert len(history) == cfg.simpo_epochs
+    assert after["stats/margin"] > before["stats/margin"]
+    assert after["losses/simpo"] < before["losses/simpo"]

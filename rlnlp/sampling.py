@@ -113,7 +113,7 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, ge
 @torch.no_grad()
 def _sample_batch(model, tokenizer, texts, max_new_tokens, temperature, top_p, top_k, stops, stop_fn, eos, generator):
     dev = next(model.parameters()).device
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(dev)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     B = ids.shape[0]
     pad = tokenizer.pad_token_id

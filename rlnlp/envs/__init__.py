@@ -1,6 +1,7 @@
 """Text environments: the protocol (``base``) and one module per environment or task family."""
 from .base import Episode, TextEnv, VecEnv, rollout, rollout_many
 from .guess_number import GuessNumber, bisect_policy
+from .feedback_tasks import FeedbackTaskEnv
 from .instruction_maze import InstructionMaze
 
-__all__ = ["Episode", "TextEnv", "VecEnv", "rollout", "rollout_many", "GuessNumber", "bisect_policy", "InstructionMaze"]
+__all__ = ["Episode", "TextEnv", "VecEnv", "rollout", "rollout_many", "GuessNumber", "bisect_policy", "InstructionMaze", "FeedbackTaskEnv"]

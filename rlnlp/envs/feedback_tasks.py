@@ -1,0 +1,363 @@
+"""Single-turn tasks with a reward in [0, 1] AND a feedback sentence saying what was wrong (spec 05).
+
+ERL needs both signals: the reward drives the policy gradient, the feedback is what the model
+reflects on. Five task families, each small enough that the 135M policy is sometimes right:
+
+* ``word_count``  — "Write one sentence about cats with exactly 5 words."
+                    reward 1 − |k − n| / n (clipped at 0); "Your sentence had 7 words; it needs exactly 5."
+* ``arithmetic``  — "What is 7 + 5?"  reward 1 or 0 (the last number counts); "Your answer 13 is too high."
+* ``json_key``    — "Reply with a JSON object whose key "color" has the value "blue"."
+                    1 correct, 0.5 valid JSON but wrong key/value, 0 not JSON; the feedback names the fault.
+* ``letters``     — first letter / last letter / number of letters of a word; 1 or 0.
+* ``frozen_lake`` — FrozenLake as a plan: a 4×4 map in text, answer with the whole move list.
+                    1 at the goal, 0 in a hole ("You fell into a hole at step 3 ..."), else
+                    0.5 × the fraction of the distance to the goal covered.
+
+Three faces of the same tasks:
+
+1. the shared environment protocol: ``FeedbackTaskEnv(...).reset(seed) -> prompt``,
+   ``.step(answer) -> (feedback, reward, True, info)`` (single-turn);
+2. TRL-style functions ``reward_func(prompts, completions, task, spec, **kw) -> list[float]`` and
+   ``feedback_func(...) -> list[str]`` (completions may be strings or chat message lists);
+3. Hugging Face datasets with ``train`` / ``eval`` splits: ``load_split(...)`` / ``load_splits(...)``
+   read data/erl/{train,eval}.jsonl, which ``python -m rlnlp.envs.feedback_tasks`` regenerates
+   (seeded, reproducible).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from pathlib import Path
+from typing import Sequence
+
+TASKS = ("word_count", "arithmetic", "json_key", "letters", "frozen_lake")
+DATA_DIR = Path(__file__).resolve().parent.parent.parent / "data" / "erl"
+NUMBER = re.compile(r"-?\d+")
+
+# ----------------------------------------------------------------------------------------------
+# instance generators: each returns (prompt text, spec dict); the spec holds everything the
+# reward and the feedback need, so a dataset row is self-contained.
+
+TOPICS = ["cats", "rain", "the sea", "coffee", "winter", "a dog", "music", "the moon", "bread", "trees",
+          "a river", "books", "snow", "the sun", "a train", "flowers", "the city", "birds", "tea", "school"]
+WORDS = ["apple", "house", "river", "green", "tiger", "cloud", "bread", "chair", "light", "stone", "water",
+         "music", "plant", "table", "horse", "smile", "dream", "ocean", "paper", "sugar", "lemon", "candle",
+         "garden", "window", "rabbit", "yellow", "pencil", "orange", "forest", "silver", "cat", "dog", "sun",
+         "book", "tree", "moon", "fish", "bird", "milk", "rain"]
+JSON_KEYS = ["color", "name", "city", "animal", "fruit", "day"]
+JSON_VALUES = {"color": ["blue", "red", "green", "black", "white", "pink", "gray", "brown", "purple", "gold"],
+               "name": ["Anna", "Tom", "Maria", "Ben", "Lena", "Omar", "Sara", "Paul", "Mia", "Ivan"],
+               "city": ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Berlin", "Quito", "Dublin", "Seoul"],
+               "animal": ["cat", "dog", "owl", "fox", "bear", "frog", "duck", "wolf", "lion", "goat"],
+               "fruit": ["apple", "pear", "plum", "kiwi", "mango", "lime", "fig", "peach", "grape", "cherry"],
+               "day": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "today",
+                       "tomorrow", "yesterday"]}
+MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
+
+
+def _word_count(rng: random.Random):
+    topic, n = rng.choice(TOPICS), rng.randint(3, 7)
+    return f"Write one sentence about {topic} that has exactly {n} words. Reply with the sentence only.", {"n": n}
+
+
+def _arithmetic(rng: random.Random):
+    op = rng.choice(["+", "-", "*"])
+    a, b = (rng.randint(2, 9), rng.randint(2, 9)) if op == "*" else (rng.randint(2, 30), rng.randint(2, 30))
+    if op == "-" and b > a:
+        a, b = b, a
+    answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return f"What is {a} {op} {b}? Reply with the number only.", {"answer": answer}
+
+
+def _json_key(rng: random.Random):
+    key = rng.choice(JSON_KEYS)
+    value = rng.choice(JSON_VALUES[key])
+    return (f'Reply with a JSON object whose key "{key}" has the value "{value}". Reply with the JSON only.',
+            {"key": key, "value": value})
+
+
+def _letters(rng: random.Random):
+    word, kind = rng.choice(WORDS), rng.choice(["first", "last", "count"])
+    if kind == "count":
+        return f'How many letters are in the word "{word}"? Reply with the number only.', {"kind": kind, "word": word}
+    return f'What is the {kind} letter of the word "{word}"? Reply with the letter only.', {"kind": kind, "word": word}
+
+
+def _lake_path_exists(grid: list[str]) -> bool:
+    seen, frontier = {(0, 0)}, [(0, 0)]
+    while frontier:
+        r, c = frontier.pop()
+        if grid[r][c] == "G":
+            return True
+        for dr, dc in MOVES.values():
+            nr, nc = r + dr, c + dc
+            if 0 <= nr < 4 and 0 <= nc < 4 and (nr, nc) not in seen and grid[nr][nc] != "H":
+                seen.add((nr, nc))
+                frontier.append((nr, nc))
+    return False
+
+
+def _frozen_lake(rng: random.Random):
+    while True:
+        cells = [["F"] * 4 for _ in range(4)]
+        cells[0][0], cells[3][3] = "S", "G"
+        free = [(r, c) for r in range(4) for c in range(4) if (r, c) not in ((0, 0), (3, 3))]
+        for r, c in rng.sample(free, rng.randint(2, 4)):
+            cells[r][c] = "H"
+        grid = ["".join(row) for row in cells]
+        if _lake_path_exists(grid):
+            break
+    lines = "\n".join(" ".join(row) for row in grid)
+    text = ("You stand on a frozen lake, a 4x4 grid (row 1 is the top row). S is the start, G the goal, "
+            "H a hole, F safe ice.\n" + lines +
+            "\nList every move from S to G, using up, down, left, right, separated by commas. Reply with the moves only.")
+    return text, {"grid": grid}
+
+
+GENERATORS = {"word_count": _word_count, "arithmetic": _arithmetic, "json_key": _json_key, "letters": _letters,
+              "frozen_lake": _frozen_lake}
+
+# ----------------------------------------------------------------------------------------------
+# scoring: one function per task returns (reward in [0, 1], feedback sentence)
+
+
+def _words(text: str) -> list[str]:
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return [w for w in first.split() if re.search(r"[A-Za-z0-9]", w)]
+
+
+def score_word_count(answer: str, spec: dict) -> tuple[float, str]:
+    n, k = spec["n"], len(_words(answer))
+    if k == n:
+        return 1.0, f"Correct: your sentence had exactly {n} words."
+    return max(0.0, 1.0 - abs(k - n) / n), f"Your sentence had {k} words; it needs exactly {n}."
+
+
+def score_arithmetic(answer: str, spec: dict) -> tuple[float, str]:
+    numbers = NUMBER.findall(answer)
+    if not numbers:
+        return 0.0, "Your reply contained no number; reply with the number in digits only."
+    guess, target = int(numbers[-1]), spec["answer"]  # the last number: "7 + 5 = 12" answers 12
+    if guess == target:
+        return 1.0, f"Correct: {guess} is the answer."
+    return 0.0, f"Your answer {guess} is too {'high' if guess > target else 'low'}."
+
+
+def score_json_key(answer: str, spec: dict) -> tuple[float, str]:
+    key, value = spec["key"], spec["value"]
+    start, end = answer.find("{"), answer.rfind("}")
+    if start < 0 or end <= start:
+        return 0.0, "Your reply contains no JSON object; it must be like {\"" + key + "\": ...}."
+    try:
+        obj = json.loads(answer[start : end + 1])
+    except json.JSONDecodeError as err:
+        return 0.0, f"Your reply is not valid JSON ({err.msg} at character {err.pos})."
+    if not isinstance(obj, dict):
+        return 0.0, "Your JSON is not an object with keys."
+    if key not in obj:
+        return 0.5, f'Your JSON has no key "{key}"; it has {sorted(map(str, obj))}.'
+    if str(obj[key]).strip().lower() != value.lower():
+        return 0.5, f'Your key "{key}" has the value {json.dumps(obj[key])}; it must be "{value}".'
+    return 1.0, "Correct: the JSON has the right key and value."
+
+
+def score_letters(answer: str, spec: dict) -> tuple[float, str]:
+    word, kind = spec["word"], spec["kind"]
+    if kind == "count":
+        numbers = NUMBER.findall(answer)
+        if not numbers:
+            return 0.0, "Your reply contained no number; reply with the count in digits."
+        guess = int(numbers[-1])
+        if guess == len(word):
+            return 1.0, f'Correct: "{word}" has {guess} letters.'
+        return 0.0, f'You said {guess}; that is too {"many" if guess > len(word) else "few"} letters for "{word}".'
+    letters = re.findall(r"\b([A-Za-z])\b", answer) or re.findall(r"[A-Za-z]", answer)[:1]
+    if not letters:
+        return 0.0, "Your reply contained no letter; reply with a single letter."
+    target = word[0] if kind == "first" else word[-1]
+    if letters[0].lower() == target:
+        return 1.0, f'Correct: "{target}" is the {kind} letter of "{word}".'
+    return 0.0, f'"{letters[0]}" is not the {kind} letter of "{word}"; spell the word out and look again.'
+
+
+def parse_moves(answer: str) -> list[str]:
+    return [m.lower() for m in re.findall(r"\b(up|down|left|right)\b", answer, flags=re.IGNORECASE)]
+
+
+def score_frozen_lake(answer: str, spec: dict) -> tuple[float, str]:
+    grid, moves = spec["grid"], parse_moves(answer)
+    if not moves:
+        return 0.0, "Your reply had no moves; list moves such as: down, right, down."
+    r, c = 0, 0
+    start_distance = 6  # Manhattan distance from S (row 1, column 1) to G (row 4, column 4)
+    for step, move in enumerate(moves, start=1):
+        dr, dc = MOVES[move]
+        if not (0 <= r + dr < 4 and 0 <= c + dc < 4):
+            return 0.0, f"At step {step} you moved {move} off the edge of the map (from row {r + 1}, column {c + 1})."
+        r, c = r + dr, c + dc
+        if grid[r][c] == "H":
+            return 0.0, f"You fell into a hole at step {step} (moving {move} onto row {r + 1}, column {c + 1})."
+        if grid[r][c] == "G":
+            return 1.0, f"Correct: you reached the goal in {step} moves."
+    left = (3 - r) + (3 - c)
+    return 0.5 * (1 - left / start_distance), (f"Your {len(moves)} moves ended at row {r + 1}, column {c + 1}, "
+                                               f"still {left} steps from the goal; you need more moves.")
+
+
+SCORERS = {"word_count": score_word_count, "arithmetic": score_arithmetic, "json_key": score_json_key,
+           "letters": score_letters, "frozen_lake": score_frozen_lake}
+
+
+def score(task: str, answer: str, spec: dict | str) -> tuple[float, str]:
+    """(reward in [0, 1], feedback sentence) of ``answer`` on one instance."""
+    if task not in SCORERS:
+        raise ValueError(f"unknown feedback task {task!r}; use one of {TASKS}")
+    return SCORERS[task](answer, json.loads(spec) if isinstance(spec, str) else spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL-style functions: dataset columns arrive as keyword lists (task, spec), one entry per completion
+
+
+def completion_text(completion) -> str:
+    """A TRL completion as text: plain strings pass through, chat completions give their last message."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    raise TypeError(f"a completion must be a string or a list of chat messages, got {completion!r:.80}")
+
+
+def _scores(completions, task, spec) -> list[tuple[float, str]]:
+    if task is None or spec is None:
+        raise ValueError("feedback tasks need the dataset columns 'task' and 'spec' (load the data with load_split())")
+    if not (len(completions) == len(task) == len(spec)):
+        raise ValueError(f"got {len(completions)} completions for {len(task)} tasks and {len(spec)} specs")
+    return [score(t, completion_text(c), s) for c, t, s in zip(completions, task, spec)]
+
+
+def reward_func(prompts, completions, task=None, spec=None, **kwargs) -> list[float]:
+    """TRL reward function: one reward in [0, 1] per completion."""
+    return [r for r, _ in _scores(completions, task, spec)]
+
+
+def feedback_func(prompts, completions, task=None, spec=None, **kwargs) -> list[str]:
+    """ERL feedback function: one sentence per completion saying what was wrong (or that it was right)."""
+    return [f for _, f in _scores(completions, task, spec)]
+
+
+# ----------------------------------------------------------------------------------------------
+# the data files and the datasets built from them
+
+
+def generate(seed: int = 0, n_train: int = 200, n_eval: int = 50, tasks: Sequence[str] = TASKS) -> dict[str, list[dict]]:
+    """Distinct instances per task, split into train and eval (no prompt appears in both)."""
+    rng = random.Random(seed)
+    splits = {"train": [], "eval": []}
+    for task in tasks:
+        seen, rows, tries = set(), [], 0
+        while len(rows) < n_train + n_eval and tries < 100 * (n_train + n_eval):
+            tries += 1
+            prompt, spec = GENERATORS[task](rng)
+            if prompt not in seen:
+                seen.add(prompt)
+                rows.append({"task": task, "prompt": prompt, "spec": json.dumps(spec)})
+        rng.shuffle(rows)
+        n_eval_task = min(n_eval, len(rows) // 5) if len(rows) < n_train + n_eval else n_eval
+        splits["eval"] += rows[:n_eval_task]
+        splits["train"] += rows[n_eval_task:]
+    return splits
+
+
+def write(folder: str | Path = DATA_DIR, seed: int = 0, n_train: int = 200, n_eval: int = 50) -> dict[str, int]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split, rows in generate(seed, n_train, n_eval).items():
+        with open(folder / f"{split}.jsonl", "w") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+        counts[split] = len(rows)
+    return counts
+
+
+def read_rows(split: str = "train", tasks: Sequence[str] | str | None = None, folder: str | Path = DATA_DIR) -> list[dict]:
+    path = Path(folder) / f"{split}.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; regenerate it with `python -m rlnlp.envs.feedback_tasks`")
+    tasks = [tasks] if isinstance(tasks, str) else tasks
+    unknown = set(tasks or []) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown feedback task(s) {sorted(unknown)}; use some of {TASKS}")
+    rows = []
+    with open(path) as fh:
+        for i, line in enumerate(fh, start=1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{i}: not valid JSON ({err.msg})") from err
+            if not tasks or row["task"] in tasks:
+                rows.append(row)
+    return rows
+
+
+def load_split(split: str = "train", tasks: Sequence[str] | str | None = None, limit: int | None = None,
+               folder: str | Path = DATA_DIR):
+    """A ``datasets.Dataset`` with TRL's conversational ``prompt`` column plus ``task`` and ``spec``."""
+    from datasets import Dataset
+
+    rows = read_rows(split, tasks, folder)[:limit]
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "task": r["task"], "spec": r["spec"]}
+                              for r in rows])
+
+
+def load_splits(tasks: Sequence[str] | str | None = None, folder: str | Path = DATA_DIR):
+    """``DatasetDict`` with ``train`` and ``eval``."""
+    from datasets import DatasetDict
+
+    return DatasetDict({s: load_split(s, tasks, folder=folder) for s in ("train", "eval")})
+
+
+class FeedbackTaskEnv:
+    """The shared protocol over one split: ``reset(seed)`` picks an instance, ``step(answer)`` scores it and ends.
+
+    The observation after ``step`` is the feedback sentence (what a multi-turn agent would read next).
+    """
+
+    actions = None
+
+    def __init__(self, tasks: Sequence[str] | str | None = None, split: str = "train", folder: str | Path = DATA_DIR):
+        self.rows = read_rows(split, tasks, folder)
+        if not self.rows:
+            raise ValueError(f"no {split} instances for tasks {tasks!r} in {folder}")
+        self.row: dict | None = None
+
+    def reset(self, seed: int | None = None) -> str:
+        self.row = random.Random(seed).choice(self.rows)
+        return self.row["prompt"]
+
+    def step(self, action: str) -> tuple[str, float, bool, dict]:
+        if self.row is None:
+            raise RuntimeError("FeedbackTaskEnv.step() called before reset()")
+        reward, feedback = score(self.row["task"], action, self.row["spec"])
+        info = {"task": self.row["task"], "feedback": feedback}
+        self.row = None
+        return feedback, reward, True, info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Regenerate data/erl/{train,eval}.jsonl (seeded).")
+    parser.add_argument("--out", default=str(DATA_DIR))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-train", type=int, default=200, help="train instances per task")
+    parser.add_argument("--n-eval", type=int, default=50, help="eval instances per task")
+    args = parser.parse_args(argv)
+    counts = write(args.out, args.seed, args.n_train, args.n_eval)
+    print(f"wrote {counts} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -561,38 +561,14 @@ def train_baseline(cfg: ArcherConfig, name: str = "baseline", encoder: TextEncod
 
 
 def _rows(u: Utterances, sl: slice) -> Utterances:
-    """A slice of utterances with their tokens (prompt padding trimmed to the slice)."""
-    s = u.samples
-    pm = s.prompt_mask[sl]
-    keep = pm.sum(0) > 0  # drop all-padding columns (left padding)
-    cm = s.completion_mask[sl]
-    ckeep = max(1, int(cm.sum(1).max()))
-    sub = Samples(prompts=[], prompt_texts=s.prompt_texts[sl], prompt_index=s.prompt_index[sl],
-                  prompt_ids=s.prompt_ids[sl][:, keep], prompt_mask=pm[:, keep],
-                  completion_ids=s.completion_ids[sl][:, :ckeep], completion_mask=cm[:, :ckeep],
-                  logprobs=s.logprobs[sl][:, :ckeep], texts=s.texts[sl], stopped=s.stopped[sl])
-    return Utterances(u.observations[sl], u.texts[sl], sub)
+    """A slice of utterances with their tokens."""
+    return Utterances(u.observations[sl], u.texts[sl], u.samples.select(sl))
 
 
 def _concat(parts: list[Utterances], pad_id: int = 0) -> Utterances:
-    """Stack utterance rows from different sampling calls (re-padding prompts left, completions right)."""
-    P = max(p.samples.prompt_ids.shape[1] for p in parts)
-    C = max(p.samples.completion_ids.shape[1] for p in parts)
-
-    def pad(x, width, value, left):
-        fill = torch.full((x.shape[0], width - x.shape[1]), value, dtype=x.dtype)
-        return torch.cat([fill, x] if left else [x, fill], dim=1)
-
-    ss = [p.samples for p in parts]
-    sub = Samples(prompts=[], prompt_texts=[t for s in ss for t in s.prompt_texts],
-                  prompt_index=torch.cat([s.prompt_index for s in ss]),
-                  prompt_ids=torch.cat([pad(s.prompt_ids, P, pad_id, True) for s in ss]),
-                  prompt_mask=torch.cat([pad(s.prompt_mask, P, 0, True) for s in ss]),
-                  completion_ids=torch.cat([pad(s.completion_ids, C, pad_id, False) for s in ss]),
-                  completion_mask=torch.cat([pad(s.completion_mask, C, 0, False) for s in ss]),
-                  logprobs=torch.cat([pad(s.logprobs, C, 0.0, False) for s in ss]),
-                  texts=[t for s in ss for t in s.texts], stopped=[b for s in ss for b in s.stopped])
-    return Utterances([o for p in parts for o in p.observations], [t for p in parts for t in p.texts], sub)
+    """Stack utterance rows from different sampling calls."""
+    samples = Samples.concat([p.samples for p in parts], pad_id)
+    return Utterances([o for p in parts for o in p.observations], [t for p in parts for t in p.texts], samples)
 
 
 # ---- evaluation and analysis ---------------------------------------------------------------------------

@@ -46,6 +46,40 @@ class Samples:
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(1)
 
+    def select(self, rows) -> "Samples":
+        """The rows ``rows`` (a slice or a list of indices), with padding columns no longer needed trimmed."""
+        idx = torch.arange(len(self))[rows] if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long)
+        il = idx.tolist()
+        pm = self.prompt_mask[idx]
+        keep = pm.sum(0) > 0  # drop all-padding (left) columns
+        cm = self.completion_mask[idx]
+        C = max(1, int(cm.sum(1).max())) if il else 1
+        return Samples(prompts=self.prompts, prompt_texts=[self.prompt_texts[i] for i in il],
+                       prompt_index=self.prompt_index[idx], prompt_ids=self.prompt_ids[idx][:, keep],
+                       prompt_mask=pm[:, keep], completion_ids=self.completion_ids[idx][:, :C],
+                       completion_mask=cm[:, :C], logprobs=self.logprobs[idx][:, :C],
+                       texts=[self.texts[i] for i in il], stopped=[self.stopped[i] for i in il] if self.stopped else [])
+
+    @staticmethod
+    def concat(parts: Sequence["Samples"], pad_id: int) -> "Samples":
+        """Stack samples from different calls: prompts re-padded on the left, completions on the right."""
+        if not parts:
+            raise ValueError("Samples.concat needs at least one part")
+        P = max(p.prompt_ids.shape[1] for p in parts)
+        C = max(p.completion_ids.shape[1] for p in parts)
+        return Samples(
+            prompts=[q for p in parts for q in p.prompts],
+            prompt_texts=[t for p in parts for t in p.prompt_texts],
+            prompt_index=torch.cat([p.prompt_index for p in parts]),
+            prompt_ids=torch.cat([_pad_to(p.prompt_ids, P, pad_id, left=True) for p in parts]),
+            prompt_mask=torch.cat([_pad_to(p.prompt_mask, P, 0, left=True) for p in parts]),
+            completion_ids=torch.cat([_pad_to(p.completion_ids, C, pad_id, left=False) for p in parts]),
+            completion_mask=torch.cat([_pad_to(p.completion_mask, C, 0, left=False) for p in parts]),
+            logprobs=torch.cat([_pad_to(p.logprobs, C, 0.0, left=False) for p in parts]),
+            texts=[t for p in parts for t in p.texts],
+            stopped=[b for p in parts for b in p.stopped],
+        )
+
     def to(self, device) -> "Samples":
         for name in ("prompt_index", "prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "logprobs"):
             setattr(self, name, getattr(self, name).to(device))
@@ -150,7 +184,9 @@ def _sample_batch(model, tokenizer, texts, max_new_tokens, temperature, top_p, t
     cmask = (torch.arange(C)[None, :] < length[:, None]).long().to(dev)
     ctoks = torch.where(cmask.bool(), out_tokens[:, :C], torch.full_like(out_tokens[:, :C], pad))
     texts_out = [tokenizer.decode(ctoks[i, : int(length[i])], skip_special_tokens=True) for i in range(B)]
-    return ids, mask, ctoks, cmask, out_logp[:, :C] * cmask, texts_out, stopped
+    return Samples(prompts=[], prompt_texts=list(texts), prompt_index=torch.zeros(B, dtype=torch.long), prompt_ids=ids,
+                   prompt_mask=mask, completion_ids=ctoks, completion_mask=cmask, logprobs=out_logp[:, :C] * cmask,
+                   texts=texts_out, stopped=stopped)
 
 
 def _pad_to(x: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
@@ -205,18 +241,7 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], *, n: int = 1, max_new_t
                                         top_p, top_k, stops, stop_fn, eos, generator))
     finally:
         model.train(was_training)
-    P = max(c[0].shape[1] for c in chunks)
-    C = max(c[2].shape[1] for c in chunks)
-    pad = tokenizer.pad_token_id
-    return Samples(
-        prompts=prompts,
-        prompt_texts=rows,
-        prompt_index=torch.arange(len(prompts)).repeat_interleave(n),
-        prompt_ids=torch.cat([_pad_to(c[0], P, pad, left=True) for c in chunks]),
-        prompt_mask=torch.cat([_pad_to(c[1], P, 0, left=True) for c in chunks]),
-        completion_ids=torch.cat([_pad_to(c[2], C, pad, left=False) for c in chunks]),
-        completion_mask=torch.cat([_pad_to(c[3], C, 0, left=False) for c in chunks]),
-        logprobs=torch.cat([_pad_to(c[4], C, 0.0, left=False) for c in chunks]),
-        texts=[t for c in chunks for t in c[5]],
-        stopped=[s for c in chunks for s in c[6]],
-    )
+    out = Samples.concat(chunks, pad_id=tokenizer.pad_token_id)
+    out.prompts = prompts
+    out.prompt_index = torch.arange(len(prompts)).repeat_interleave(n)
+    return out

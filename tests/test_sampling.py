@@ -63,3 +63,15 @@ def test_bad_prompts_are_clear_errors(policy):
         sample(model, tok, [])
     with pytest.raises(TypeError, match="plain strings"):
         render_prompts(tok, [[{"role": "user", "content": "x"}]], chat=False)
+
+
+def test_select_and_concat_round_trip_through_rescoring(policy):
+    model, tok = policy
+    a = sample(model, tok, ["Say hi.", "Write a long sentence about the sea."], max_new_tokens=10, seed=3)
+    b = sample(model, tok, ["Hello, how are you today, my friend?"], max_new_tokens=4, seed=4)
+    both = type(a).concat([a.select([1]), b, a.select(slice(0, 1))], pad_id=tok.pad_token_id)
+    assert both.texts == [a.texts[1], b.texts[0], a.texts[0]]
+    with torch.no_grad():
+        again = completion_logprobs(model, both.prompt_ids, both.prompt_mask, both.completion_ids, both.completion_mask)
+    assert torch.allclose(again, both.logprobs, atol=1e-3)  # re-padding kept every token aligned
+    assert both.select([0]).prompt_mask.all()  # one row alone keeps no left-padding column

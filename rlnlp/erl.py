@@ -45,7 +45,7 @@ from trl.data_utils import is_conversational
 from trl.trainer.utils import shuffle_sequence_dict
 
 from .models import position_ids_from_mask, resolve_policy
-from .sampling import sample
+from .sampling import pad_cat, sample
 from .tracking import runs_dir
 
 DEFAULT_REFLECTION_PROMPT = (
@@ -245,15 +245,6 @@ def internalization_loss(model, prompt_ids, prompt_mask, completion_ids, complet
     return loss, {"losses/internalization": loss.item(), "stats/internalized_tokens": int((labels != -100).sum())}
 
 
-def _pad_cat(tensors: list[torch.Tensor], value, left: bool) -> torch.Tensor:
-    width = max(t.shape[1] for t in tensors)
-    out = []
-    for t in tensors:
-        fill = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype, device=t.device)
-        out.append(torch.cat([fill, t] if left else [t, fill], dim=1))
-    return torch.cat(out)
-
-
 def _split_rows(batch: dict, chunks: int) -> list[dict]:
     """Like TRL's split_tensor_dict, but never drops rows when the row count is not a multiple of ``chunks``."""
     rows = batch["erl_part"].shape[0]
@@ -437,13 +428,13 @@ class ERLTrainer(GRPOTrainer):
         pad = self._tokenizer.pad_token_id
         for key in parts[0]:
             if key == "prompt_ids":
-                batch[key] = _pad_cat([p[key] for p in parts], pad, left=True)
+                batch[key] = pad_cat([p[key] for p in parts], pad, left=True)
             elif key == "prompt_mask":
-                batch[key] = _pad_cat([p[key] for p in parts], 0, left=True)
+                batch[key] = pad_cat([p[key] for p in parts], 0, left=True)
             elif key == "completion_ids":
-                batch[key] = _pad_cat([p[key] for p in parts], pad, left=False)
+                batch[key] = pad_cat([p[key] for p in parts], pad, left=False)
             elif parts[0][key].ndim == 2:
-                batch[key] = _pad_cat([p[key] for p in parts], 0, left=False)
+                batch[key] = pad_cat([p[key] for p in parts], 0, left=False)
             else:
                 batch[key] = torch.cat([p[key] for p in parts])
         # token counts each update normalises by (TRL's num_items_in_batch, for the dapo-style losses)

@@ -65,17 +65,15 @@ class Samples:
         """Stack samples from different calls: prompts re-padded on the left, completions on the right."""
         if not parts:
             raise ValueError("Samples.concat needs at least one part")
-        P = max(p.prompt_ids.shape[1] for p in parts)
-        C = max(p.completion_ids.shape[1] for p in parts)
         return Samples(
             prompts=[q for p in parts for q in p.prompts],
             prompt_texts=[t for p in parts for t in p.prompt_texts],
             prompt_index=torch.cat([p.prompt_index for p in parts]),
-            prompt_ids=torch.cat([_pad_to(p.prompt_ids, P, pad_id, left=True) for p in parts]),
-            prompt_mask=torch.cat([_pad_to(p.prompt_mask, P, 0, left=True) for p in parts]),
-            completion_ids=torch.cat([_pad_to(p.completion_ids, C, pad_id, left=False) for p in parts]),
-            completion_mask=torch.cat([_pad_to(p.completion_mask, C, 0, left=False) for p in parts]),
-            logprobs=torch.cat([_pad_to(p.logprobs, C, 0.0, left=False) for p in parts]),
+            prompt_ids=pad_cat([p.prompt_ids for p in parts], pad_id, left=True),
+            prompt_mask=pad_cat([p.prompt_mask for p in parts], 0, left=True),
+            completion_ids=pad_cat([p.completion_ids for p in parts], pad_id, left=False),
+            completion_mask=pad_cat([p.completion_mask for p in parts], 0, left=False),
+            logprobs=pad_cat([p.logprobs for p in parts], 0.0, left=False),
             texts=[t for p in parts for t in p.texts],
             stopped=[b for p in parts for b in p.stopped],
         )
@@ -189,11 +187,14 @@ def _sample_batch(model, tokenizer, texts, max_new_tokens, temperature, top_p, t
                    texts=texts_out, stopped=stopped)
 
 
-def _pad_to(x: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
-    if x.shape[1] == width:
-        return x
-    fill = torch.full((x.shape[0], width - x.shape[1]), value, dtype=x.dtype, device=x.device)
-    return torch.cat([fill, x] if left else [x, fill], dim=1)
+def pad_cat(tensors: Sequence[torch.Tensor], value, left: bool) -> torch.Tensor:
+    """Stack (B_i, T_i) tensors into (ΣB_i, max T_i), padding each with ``value`` on the left or the right."""
+    width = max(t.shape[1] for t in tensors)
+    out = []
+    for t in tensors:
+        fill = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype, device=t.device)
+        out.append(torch.cat([fill, t] if left else [t, fill], dim=1))
+    return torch.cat(out)
 
 
 def sample(model, tokenizer, prompts: Sequence[Prompt], *, n: int = 1, max_new_tokens: int = 64,

@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test unit notebooks lab strip full
+.PHONY: install demo test unit notebooks lab strip learn full full-dryrun scoreboard
 
 install:  ## everything: torch (CPU wheel unless one is installed), requirements, embedded models, rlnlp itself
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
@@ -17,7 +17,7 @@ demo: install  ## run the tour headless on the embedded models; figures land in 
 	$(PYTHON) -m rlnlp.notebook notebooks/00_tour.ipynb runs/00_tour.executed.ipynb
 
 unit:
-	$(PYTHON) -m pytest -q tests
+	RLNLP_PROFILE=smoke $(PYTHON) -m pytest -q -m "not full_dryrun" tests
 
 notebooks:
 	RLNLP_PROFILE=smoke $(PYTHON) -m pytest -q --nbmake --nbmake-timeout=600 --durations=0 notebooks/
@@ -26,8 +26,22 @@ test: install  ## unit tests, then every notebook in the smoke profile
 	$(MAKE) unit
 	$(MAKE) notebooks
 
-full: install  ## every notebook in the full profile (needs a GPU to finish in minutes)
-	RLNLP_PROFILE=full $(PYTHON) -m pytest -q --nbmake --nbmake-timeout=3600 --durations=0 notebooks/
+learn: install  ## every notebook headless in the cpu learning profile (≤ 10 min each on 2 cores), then the scoreboard
+	RLNLP_PROFILE=cpu $(PYTHON) -m pytest -q --nbmake --nbmake-timeout=1500 --durations=0 notebooks/; \
+	status=$$?; $(PYTHON) -m rlnlp.scoreboard --profile cpu; exit $$status
+
+# No `install` step: on the lent GPU machine (no network) the packages come from ../shared/gpu/ into
+# /tmp/site; elsewhere run `make install` first. The repository root goes on PYTHONPATH for the kernels.
+full:  ## every notebook in the full profile (one GPU: ≤ 90 s of training each, ≤ 9 min in all), then the scoreboard
+	PYTHONPATH="$(CURDIR):$${PYTHONPATH:-}" RLNLP_PROFILE=full $(PYTHON) -m pytest -q -p no:cacheprovider --nbmake \
+	  --nbmake-timeout=540 --durations=0 notebooks/; \
+	status=$$?; PYTHONPATH="$(CURDIR):$${PYTHONPATH:-}" $(PYTHON) -m rlnlp.scoreboard --profile full; exit $$status
+
+full-dryrun:  ## one iteration of every system with the full presets' shapes, on this CPU (no GPU needed)
+	RLNLP_PROFILE=smoke $(PYTHON) -m pytest -q -m full_dryrun --durations=0 tests
+
+scoreboard:  ## print every recorded result of the active profile (PROFILE=cpu|full|smoke to choose)
+	$(PYTHON) -m rlnlp.scoreboard $(if $(PROFILE),--profile $(PROFILE),)
 
 lab: install  ## open the workbook in JupyterLab
 	$(PIP) install -q "jupyterlab>=4,<5"

@@ -11,9 +11,12 @@ The shared core (every system builds on these; systems never import each other):
     plots     every figure; save() into visualizations/
     widgets   stepper(), scrubber()
     data      wikipedia_summaries(), twenty_questions(), data_dir()
+    stats     paired_difference(), mean_interval(), wilson(), bootstrap(), binned_rate() -> Interval
+    results   Results(notebook).add(...) — headline rows; ``python -m rlnlp.scoreboard`` prints them
 """
 from .models import (EmbeddedModelMissing, TextEncoder, attach_lora, completion_logprobs, kl_k3, load_encoder,
                      load_policy, load_tokenizer, masked_mean)
+from .results import Results
 from .returns import discounted_returns, gae
 from .runtime import banner, device, dtype, pick, profile, seed_everything
 from .sampling import Samples, sample
@@ -22,5 +25,5 @@ from .tracking import Tracker, progress
 __all__ = [
     "EmbeddedModelMissing", "TextEncoder", "attach_lora", "completion_logprobs", "kl_k3", "load_encoder",
     "load_policy", "load_tokenizer", "masked_mean", "discounted_returns", "gae", "banner", "device", "dtype",
-    "pick", "profile", "seed_everything", "Samples", "sample", "Tracker", "progress",
+    "pick", "profile", "seed_everything", "Samples", "sample", "Tracker", "progress", "Results",
 ]

@@ -179,13 +179,15 @@ def token_weights(tokens: Sequence[str], weights: Sequence[float], *, title: str
 
 
 def save(fig, name: str, prof: str | None = None) -> Path:
-    """Write ``fig`` as PNG: visualizations/<name>.png for the full profile, visualizations/smoke/<name>.png
-    (labelled "smoke profile") otherwise. Returns the path."""
+    """Write ``fig`` as PNG: visualizations/<name>.png for the full profile, visualizations/<profile>/<name>.png
+    otherwise (``cpu`` figures are committed beside the cpu results; ``smoke`` ones are labelled and ignored).
+    Returns the path."""
     prof = active_profile(prof)
-    folder = visualizations_dir() / ("smoke" if prof == "smoke" else "")
+    folder = visualizations_dir() / ("" if prof == "full" else prof)
     folder.mkdir(parents=True, exist_ok=True)
-    if prof == "smoke":
-        fig.text(0.99, 0.005, "smoke profile (tiny CPU budget)", ha="right", va="bottom", fontsize=7, color="0.4")
+    label = {"smoke": "smoke profile (tiny CPU budget)", "cpu": "cpu learning profile (2-core CPU)"}.get(prof)
+    if label:
+        fig.text(0.99, 0.005, label, ha="right", va="bottom", fontsize=7, color="0.4")
     path = folder / f"{name}.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path

@@ -1,10 +1,13 @@
 """Profiles, device and dtype, seeding, and the banner every notebook prints first.
 
-Two profiles share one code path:
+Three profiles share one code path (``RLNLP_PROFILE`` forces one):
 
-* ``full``  — the default when CUDA is available: real budgets, minutes on one GPU.
-* ``smoke`` — the default without CUDA (or forced with ``RLNLP_PROFILE=smoke``): tiny budgets,
-  at most a few minutes on a 2-core CPU, still asserting something real.
+* ``smoke`` — mechanics: tiny budgets, at most 4 minutes per notebook on a 2-core CPU, still
+  asserting something real. ``make test`` and CI force it.
+* ``cpu``   — the learning profile and the default without CUDA: real learning on a 2-core CPU,
+  at most 10 minutes per notebook, every headline number with its interval (``make learn``).
+* ``full``  — the default with CUDA: each notebook's training fits ~90 s on one H100/H200, so all
+  six notebooks run in one command of at most 9 minutes (``make full``).
 """
 from __future__ import annotations
 
@@ -16,7 +19,12 @@ from dataclasses import fields, is_dataclass
 import numpy as np
 import torch
 
-PROFILES = ("smoke", "full")
+PROFILES = ("smoke", "cpu", "full")
+PROFILE_PURPOSE = {
+    "smoke": "mechanics check (tiny budgets; ≤ 4 min per notebook on a 2-core CPU)",
+    "cpu": "learning on a CPU (≤ 10 min per notebook on 2 cores; headline numbers with intervals)",
+    "full": "learning at scale (≤ 90 s of training per notebook on one H100/H200)",
+}
 
 
 def apply_thread_setting() -> int:
@@ -33,8 +41,8 @@ apply_thread_setting()
 
 
 def profile(override: str | None = None) -> str:
-    """The active profile: ``override``, else ``$RLNLP_PROFILE``, else ``full`` with CUDA, ``smoke`` without."""
-    name = override or os.environ.get("RLNLP_PROFILE") or ("full" if torch.cuda.is_available() else "smoke")
+    """The active profile: ``override``, else ``$RLNLP_PROFILE``, else ``full`` with CUDA, ``cpu`` without."""
+    name = override or os.environ.get("RLNLP_PROFILE") or ("full" if torch.cuda.is_available() else "cpu")
     name = name.strip().lower()
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r} (from RLNLP_PROFILE or the argument): use one of {PROFILES}")
@@ -67,9 +75,12 @@ def seed_everything(seed: int) -> None:
 
 
 def pick(config_cls, prof: str | None = None, **overrides):
-    """Instantiate ``config_cls.smoke()`` or ``config_cls.full()`` for the active profile, then apply overrides."""
+    """Instantiate ``config_cls.smoke()``, ``.cpu()`` or ``.full()`` for the active profile, then apply overrides."""
     prof = profile(prof)
-    cfg = getattr(config_cls, prof)()
+    preset = getattr(config_cls, prof, None)
+    if preset is None:
+        raise TypeError(f"{config_cls.__name__} has no .{prof}() preset (profiles: {', '.join(PROFILES)})")
+    cfg = preset()
     if overrides:
         if not is_dataclass(cfg):
             raise TypeError(f"{config_cls.__name__} is not a dataclass")
@@ -92,6 +103,7 @@ def banner(title: str, prof: str | None = None, seed: int | None = None, expecte
     info = {
         "notebook": title,
         "profile": prof,
+        "profile means": PROFILE_PURPOSE[prof],
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "dtype": str(dtype(dev)).replace("torch.", ""),
         "threads": torch.get_num_threads(),
@@ -100,8 +112,8 @@ def banner(title: str, prof: str | None = None, seed: int | None = None, expecte
     }
     if seed is not None:
         info["seed"] = seed
-    if expected and prof in expected:
-        info["expected run time"] = expected[prof]
+    info["expected run time"] = (expected or {}).get(prof, "not measured for this profile")
+    info["other profiles"] = ", ".join(f"RLNLP_PROFILE={p}" for p in PROFILES if p != prof)
     width = max(len(k) for k in info)
     print("=" * 72)
     for key, value in info.items():

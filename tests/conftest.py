@@ -24,3 +24,5 @@ def _isolated_outputs(tmp_path, monkeypatch):
     """Runs and figures written by tests go to a temporary folder, never into the repository."""
     monkeypatch.setenv("RLNLP_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("RLNLP_VIS", str(tmp_path / "vis"))
+    if "RLNLP_PROFILE" not in __import__("os").environ:  # unit tests run the smoke presets unless told otherwise
+        monkeypatch.setenv("RLNLP_PROFILE", "smoke")

@@ -16,8 +16,21 @@ class Cfg:
         return cls(steps=2)
 
     @classmethod
+    def cpu(cls):
+        return cls(steps=200)
+
+    @classmethod
     def full(cls):
         return cls(steps=2000)
+
+
+@dataclass
+class NoCpu:
+    steps: int = 1
+
+    @classmethod
+    def smoke(cls):
+        return cls()
 
 
 def test_profile_follows_env_and_cuda(monkeypatch):
@@ -25,9 +38,11 @@ def test_profile_follows_env_and_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert runtime.profile() == "full"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert runtime.profile() == "smoke"
+    assert runtime.profile() == "cpu"  # a laptop gets the learning profile, not the mechanics check
     monkeypatch.setenv("RLNLP_PROFILE", "full")
     assert runtime.profile() == "full"
+    monkeypatch.setenv("RLNLP_PROFILE", "smoke")
+    assert runtime.profile() == "smoke"
 
 
 def test_bad_profile_is_a_clear_error(monkeypatch):
@@ -40,6 +55,9 @@ def test_pick_uses_the_profile_preset_and_rejects_unknown_fields(monkeypatch):
     monkeypatch.setenv("RLNLP_PROFILE", "smoke")
     assert runtime.pick(Cfg).steps == 2
     assert runtime.pick(Cfg, "full").steps == 2000
+    assert runtime.pick(Cfg, "cpu").steps == 200
+    with pytest.raises(TypeError, match="no .cpu"):
+        runtime.pick(NoCpu, "cpu")
     assert runtime.pick(Cfg, lr=0.5).lr == 0.5
     with pytest.raises(TypeError, match="no field"):
         runtime.pick(Cfg, learning_rate=0.5)

@@ -1,0 +1,110 @@
+"""Headline results as rows: one function records them, the scoreboard prints them.
+
+A notebook opens ``Results("01_alectors_encoder_ppo")`` and calls ``add(...)`` once per headline
+number. Each call rewrites ``visualizations/results/<profile>/<notebook>.json`` with every row
+this run has recorded, so the file always holds the latest complete run of that notebook. The
+``cpu`` and ``full`` files are committed; ``smoke`` files are not (they check mechanics only).
+
+A row says: which system, task and metric; the method's value and the baseline's (name and
+value); their difference with its 95% interval and n (and what one unit is); whether higher is
+better; the profile, device, wall time, date and git commit that produced it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from .runtime import device as active_device
+from .runtime import profile as active_profile
+from .stats import Interval
+
+CLAIMS = ("learning", "comparison", "reference")
+"""``learning``: trained vs untrained on the same units; ``comparison``: method vs another method
+(e.g. ERL vs GRPO); ``reference``: a fixed baseline gap that shows the task has signal (no training)."""
+
+
+def results_dir(prof: str | None = None) -> Path:
+    """``visualizations/results/<profile>`` (``$RLNLP_VIS`` moves visualizations/)."""
+    from .plots import visualizations_dir
+
+    return visualizations_dir() / "results" / active_profile(prof)
+
+
+def git_commit() -> str:
+    """The short commit of the repository this package lives in, ``+dirty`` when the tree has changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha or "unknown") + ("+dirty" if dirty and sha else "")
+
+
+def device_name() -> str:
+    import torch
+
+    dev = active_device()
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+class Results:
+    """The results rows of one notebook run. ``wall_s`` defaults to the time since this object was made."""
+
+    def __init__(self, notebook: str, prof: str | None = None):
+        self.notebook = notebook
+        self.profile = active_profile(prof)
+        self.start = time.time()
+        self.rows: list[dict] = []
+        self.path = results_dir(self.profile) / f"{notebook}.json"
+
+    def add(self, *, system: str, task: str, metric: str, method: str, value: float, baseline: str,
+            baseline_value: float, difference: Interval, unit: str, higher_is_better: bool = True,
+            claim: str = "learning", wall_s: float | None = None, note: str = "") -> dict:
+        """Record one headline result and rewrite this notebook's results file.
+
+        difference: method − baseline over ``difference.n`` matched units, with its interval
+                    (from ``rlnlp.stats``); unit: what one unit is ("start state", "held-out pool").
+        """
+        if claim not in CLAIMS:
+            raise ValueError(f"claim must be one of {CLAIMS}, got {claim!r}")
+        if not isinstance(difference, Interval):
+            raise TypeError("difference must be an rlnlp.stats.Interval (paired_difference, wilson, bootstrap, ...)")
+        row = {
+            "notebook": self.notebook, "system": system, "task": task, "metric": metric,
+            "method": method, "value": float(value), "baseline": baseline, "baseline_value": float(baseline_value),
+            "difference": float(difference.estimate), "low": float(difference.low), "high": float(difference.high),
+            "confidence": difference.confidence, "interval": difference.method, "n": int(difference.n), "unit": unit,
+            "higher_is_better": bool(higher_is_better), "claim": claim,
+            "verdict": difference.verdict(higher_is_better) if claim != "reference" else "—",
+            "profile": self.profile, "device": device_name(),
+            "wall_s": round(float(wall_s if wall_s is not None else time.time() - self.start), 1),
+            "date": _dt.date.today().isoformat(), "commit": git_commit(), "note": note,
+        }
+        self.rows.append(row)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.rows, indent=1) + "\n")
+        return row
+
+
+def load_rows(prof: str | None = None, folder: str | os.PathLike | None = None) -> list[dict]:
+    """Every row of every results file of a profile, ordered by notebook file name."""
+    folder = Path(folder) if folder is not None else results_dir(prof)
+    rows = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a list of result rows")
+        rows.extend(data)
+    return rows

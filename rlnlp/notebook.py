@@ -48,12 +48,22 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__)
         return 2
+    paths = argv[1:] if argv[0] == "--strip" else argv[:1]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        print(f"error: no such notebook: {', '.join(missing)}", file=sys.stderr)
+        return 2
     if argv[0] == "--strip":
         for p in argv[1:]:
             if strip(p):
                 print(f"stripped {p}")
         return 0
-    execute(argv[0], argv[1] if len(argv) > 1 else None)
+    try:
+        execute(argv[0], argv[1] if len(argv) > 1 else None)
+    except Exception as err:  # a failing cell: say which, without the kernel's full traceback
+        first = str(err).strip().splitlines()
+        print(f"error: {argv[0]} failed: {err.__class__.__name__}: {first[-1] if first else ''}", file=sys.stderr)
+        return 1
     return 0
 
 

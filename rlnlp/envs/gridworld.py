@@ -187,3 +187,24 @@ def epsilon_greedy(env: GridWorld, Q: dict, epsilon: float) -> Callable[[State],
 def sample_action(policy_probs: dict[str, float], rng: random.Random) -> str:
     moves, probs = zip(*policy_probs.items())
     return rng.choices(moves, weights=probs)[0]
+
+
+def success_probability(env: GridWorld, policy: Callable[[State], dict[str, float]],
+                        horizon: int | None = None) -> np.ndarray:
+    """Exact probability that ``policy`` reaches the goal within ``horizon`` moves (default ``env.max_steps``)
+    from each state, one move per step:  P_h(s) = Σ_a π(a|s) [ goal(s') + (1 − goal(s')) P_{h−1}(s') ],  P_0 = 0.
+
+    Returns ``(4, size, size)`` indexed [o, y, x]; the goal's cells are NaN (terminal, never a start).
+    """
+    horizon = env.max_steps if horizon is None else horizon
+    states = env.start_states()
+    steps = {s: [(p, env.move(s, a)) for a, p in policy(s).items() if p > 0] for s in states}
+    P = np.zeros((4, env.size, env.size))
+    for _ in range(horizon):
+        new = np.zeros_like(P)
+        for (x, y, o), moves in steps.items():
+            new[o, y, x] = sum(p * (1.0 if reached else P[o2, y2, x2]) for p, ((x2, y2, o2), _, reached) in moves)
+        P = new
+    for o in range(4):
+        P[o, env.goal[1], env.goal[0]] = np.nan
+    return P

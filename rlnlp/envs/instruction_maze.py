@@ -10,6 +10,10 @@ move also pays ``escape_bonus`` and ends the episode (escaped); a wrong move end
 ``wrong_reward``. A policy that ignores the text escapes with probability |vocabulary|^−length
 (1/256 for four moves over four words), and :func:`random_policy_success` enumerates every
 action sequence to confirm it.
+
+Generalisation: :func:`split_routes` holds out a fixed, seeded share of all |vocabulary|^length
+routes; ``InstructionMaze(routes=train)`` then draws its episodes from the training routes only,
+while ``reset(route=...)`` can still start any route (a held-out one for evaluation).
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ class InstructionMaze:
     """A text environment: ``reset(seed) -> sentence``; ``step(move word) -> (sentence, reward, done, info)``."""
 
     def __init__(self, length: int = 4, moves: Sequence[str] = DEFAULT_MOVES, move_reward: float = 1.0,
-                 escape_bonus: float = 5.0, wrong_reward: float = 0.0):
+                 escape_bonus: float = 5.0, wrong_reward: float = 0.0, routes: Sequence[Sequence[str]] | None = None):
+        """``routes``: the routes ``reset(seed)`` draws from (uniformly); None = any route of ``length`` moves."""
         moves = list(moves)
         if length < 1:
             raise ValueError(f"InstructionMaze: route length must be ≥ 1, got {length}")
@@ -32,6 +37,9 @@ class InstructionMaze:
             raise ValueError(f"InstructionMaze: the move vocabulary needs ≥ 2 distinct words, got {moves}")
         self.length, self.actions = length, moves
         self.move_reward, self.escape_bonus, self.wrong_reward = move_reward, escape_bonus, wrong_reward
+        self.routes = None if routes is None else [self._checked(r) for r in routes]
+        if self.routes is not None and not self.routes:
+            raise ValueError("InstructionMaze: routes is empty; pass None to draw any route")
         self.route: list[str] = []
         self.made = 0
         self.done = True
@@ -42,14 +50,19 @@ class InstructionMaze:
         return (f"You are inside a maze. To escape you must go: {', '.join(route)}. "
                 f"You have made {made} move{'' if made == 1 else 's'}.")
 
+    def _checked(self, route: Sequence[str]) -> list[str]:
+        unknown = [m for m in route if m not in self.actions]
+        if len(route) != self.length or unknown:
+            raise ValueError(f"InstructionMaze: route {list(route)} must have {self.length} moves from {self.actions}")
+        return list(route)
+
     def reset(self, seed: int | None = None, route: Sequence[str] | None = None) -> str:
+        rng = random.Random(seed)
         if route is not None:
-            unknown = [m for m in route if m not in self.actions]
-            if len(route) != self.length or unknown:
-                raise ValueError(f"InstructionMaze.reset: route {list(route)} must have {self.length} moves from {self.actions}")
-            self.route = list(route)
+            self.route = self._checked(route)
+        elif self.routes is not None:
+            self.route = list(rng.choice(self.routes))
         else:
-            rng = random.Random(seed)
             self.route = [rng.choice(self.actions) for _ in range(self.length)]
         self.made, self.done = 0, False
         return self.describe()
@@ -84,6 +97,26 @@ class InstructionMaze:
         moves = sum(p ** k for k in range(1, self.length + 1)) * self.move_reward
         wrong = sum(p ** k * (1 - p) for k in range(self.length)) * self.wrong_reward
         return moves + p ** self.length * self.escape_bonus + wrong
+
+
+def all_routes(length: int, moves: Sequence[str] = DEFAULT_MOVES) -> list[tuple[str, ...]]:
+    """Every route of ``length`` moves over ``moves`` (|moves|^length of them), in a fixed order."""
+    return list(itertools.product(moves, repeat=length))
+
+
+def split_routes(length: int, moves: Sequence[str] = DEFAULT_MOVES, held_out: float = 0.25,
+                 seed: int = 0) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+    """(training routes, held-out routes): a seeded shuffle of :func:`all_routes`, round(held_out · count) held out.
+
+    The same (length, moves, held_out, seed) always gives the same split, so every run and every
+    evaluation agrees on which routes the agent never trained on.
+    """
+    if not 0 <= held_out < 1:
+        raise ValueError(f"split_routes: held_out must be in [0, 1), got {held_out}")
+    routes = all_routes(length, moves)
+    random.Random(seed).shuffle(routes)
+    k = round(held_out * len(routes))
+    return sorted(routes[k:]), sorted(routes[:k])
 
 
 def random_policy_success(maze: InstructionMaze, route: Sequence[str]) -> float:

@@ -1,20 +1,30 @@
-"""Tests for spec 04 (recurve / ArCHer): task files, utterance splitting, critic math, target updates, the 20Q oracle."""
+"""Tests for spec 04 (recurve / ArCHer): task files, utterance splitting, critic math, target updates, the 20Q
+oracle and its paraphrase test, the fresh-action advantage, bootstrapping, matched baselines, the command line
+(one-line errors, kill-and-resume) and the full preset's shapes."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from rlnlp.archer import (ArcherConfig, Critic, DoubleCritic, Transition, act, actor_step, hard_update, polyak_update,
-                          q_targets, v_target)
+import rlnlp.archer as archer
+from rlnlp.archer import (ArcherConfig, Critic, DoubleCritic, ReplayBuffer, Transition, act, actor_step,
+                          archer_actor_steps, critic_phase, episode_advantages, evaluate, hard_update, main,
+                          polyak_update, q_targets, train_archer, train_baseline, v_target, with_task)
 from rlnlp.envs.recurve import RecurveEnv, TaskFileError, TaskFunctionError, load_task
-from rlnlp.envs.twenty_questions import Oracle, TwentyQuestions
+from rlnlp.envs.twenty_questions import Oracle, TwentyQuestions, score_paraphrases, strip_negation
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_FILE = ROOT / "data" / "recurve" / "best_lang.yaml"
+CAPITALS = ROOT / "data" / "recurve" / "capital_choice.yaml"
 
 GOOD = """\
 main_prompt: "You are a helpful assistant."
@@ -115,6 +125,24 @@ def test_env_renders_chat_so_the_seed_split_finds_the_reply(policy):
     env.reset(0)
     _, r, done, info = env.step("I will not answer." + tok.eos_token)
     assert done and r == 0.0 and info["ended_by"] == "end_of_turn"
+
+
+def test_act_keeps_rows_aligned_when_prompts_repeat(policy):
+    """Rows of one observation that repeats out of order (acting states + fresh a′ + fresh a″ in one call) keep
+    their own prompt, and the sampling log-probs are those of the policy on that prompt."""
+    from rlnlp import completion_logprobs
+
+    model, tok = policy
+    env = RecurveEnv(CAPITALS, tokenizer=tok, max_utterances=1)
+    a, b, c = (env.reset(s) for s in (0, 1, 2))
+    assert len({a, b, c}) == 3
+    obs = [a, b, a, c, b, a]
+    u = act(model, tok, env, obs, ArcherConfig.smoke(utterance_tokens=5), seed=0)
+    s = u.samples
+    assert [tok.decode(s.prompt_ids[i][s.prompt_mask[i].bool()]) for i in range(6)] == obs and u.observations == obs
+    with torch.no_grad():
+        lp = completion_logprobs(model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask)
+    assert torch.allclose(lp, s.logprobs, atol=1e-4)
 
 
 def test_act_cuts_utterances_at_split_and_done(policy):
@@ -233,8 +261,8 @@ OBJECTS = [
 
 
 @pytest.fixture(scope="module")
-def oracle():
-    return Oracle(QUESTIONS, OBJECTS, threshold=0.7)
+def oracle(encoder):
+    return Oracle(QUESTIONS, OBJECTS, encoder=encoder, threshold=0.7)
 
 
 def test_oracle_answers_paraphrased_questions(oracle):
@@ -257,16 +285,56 @@ def test_oracle_detects_guesses(oracle):
     assert info["kind"] != "guess"
 
 
-def test_oracle_on_the_shipped_table():
+@pytest.fixture(scope="module")
+def table_oracle(encoder):
     from rlnlp.data import twenty_questions
 
     questions, objects = twenty_questions()
-    oracle = Oracle(questions, objects)
-    by_name = {o["object"]: o for o in objects}
-    dog = by_name["dog"]
-    assert oracle.answer("Does it fly?", dog)[0] == ("Yes." if dog["answers"]["q05"] else "No.")
-    assert oracle.answer("Does it have wheels?", dog)[1]["kind"] == "unknown"  # closest is "legs", below 0.7
-    assert oracle.answer("Is it a dog?", dog)[1]["correct"]
+    return Oracle(questions, objects, encoder=encoder)
+
+
+def test_oracle_on_the_shipped_table(table_oracle):
+    by_name = {o["object"]: o for o in table_oracle.objects}
+    dog, car, tree = by_name["dog"], by_name["car"], by_name["tree"]
+    assert table_oracle.answer("Does it fly?", dog)[0] == ("Yes." if dog["answers"]["q05"] else "No.")
+    assert table_oracle.answer("Does it have wheels?", dog)[1]["kind"] == "unknown"
+    assert table_oracle.answer("Is it a dog?", dog)[1]["correct"]
+    # category questions come from the table's categories
+    assert table_oracle.answer("Is it an animal?", dog)[0] == "Yes." and table_oracle.answer("Is it an animal?", car)[0] == "No."
+    assert table_oracle.answer("Is it alive?", tree)[0] == "Yes." and table_oracle.answer("Is it alive?", car)[0] == "No."
+    assert table_oracle.answer("Is it a vehicle?", car)[1]["kind"] == "category"
+    # negations: "not" flips the answer; "isn't it ..." asks the positive question
+    assert table_oracle.answer("Is it not made by people?", dog)[0] == "Yes."
+    assert table_oracle.answer("Is it not made by people?", car)[0] == "No."
+    assert table_oracle.answer("Isn't it alive?", dog)[0] == "Yes."
+    # two meanings that fit about equally well: no confident answer
+    assert table_oracle.answer("Is it an animal or a plant?", car)[0] == "I don't know."
+
+
+def test_strip_negation():
+    assert strip_negation("Is it not alive?") == ("is it alive?", True)
+    assert strip_negation("Isn't it alive?") == ("is it alive?", False)
+    assert strip_negation("Doesn't it fly?") == ("does it fly?", False)
+    assert strip_negation("It can't fly, can it?") == ("it can fly, can it?", True)
+    assert strip_negation("Does it never fly?") == ("does it fly?", True)
+    assert strip_negation("Is it a knot?") == ("is it a knot?", False)
+
+
+def test_oracle_scores_on_the_hand_written_paraphrases(table_oracle):
+    """The issue's bar: accuracy ≥ 0.9, wrong answers ≤ 0.02, off-table questions confidently answered ≤ 0.1,
+    every category question of the test set answered; on paraphrases written apart from the oracle's bank."""
+    from rlnlp.envs.twenty_questions import load_paraphrases
+
+    rows = load_paraphrases()
+    bank = {t.lower() for t, _ in table_oracle.bank}
+    assert len(rows) >= 150 and sum(r["means"] is None for r in rows) >= 25
+    assert sum(r["question"].lower() in bank for r in rows) < 0.5 * len(rows)  # mostly not the bank's own phrasings
+    score = score_paraphrases(table_oracle, rows)
+    assert score["accuracy"] >= 0.9 and score["wrong"] <= 0.02 and score["off_table_confident"] <= 0.1, \
+        {k: v for k, v in score.items() if k != "details"}
+    category_rows = [d for d in score["details"] if (d["means"] or "").startswith("cat:")]
+    answered = [d for d in category_rows if d["read_as"] is not None]
+    assert len(answered) >= 0.85 * len(category_rows)
 
 
 def test_twenty_questions_rewards_and_cap(oracle):
@@ -308,3 +376,259 @@ def test_actor_step_follows_the_utterance_advantage(loss):
     after = seq_logp()
     assert after[0] > before[0] and after[1] < before[1], (before, after)
     assert all(np.isfinite(v) for v in stats.values()) and (("stats/kl" in stats) == (loss == "ppo"))
+
+
+# ---- the short-answer task, reply_prefix and fixed evaluation episodes --------------------------------------------
+
+def test_reply_prefix_starts_the_reply(policy, tmp_path):
+    _, tok = policy
+    task = load_task(CAPITALS)
+    assert task.items[0].reply_prefix == "The capital of Australia is"
+    env = RecurveEnv(task, tokenizer=tok, max_utterances=1)
+    obs = env.reset(0)
+    item = task.items[env.item]
+    assert obs.endswith("assistant\n" + item.reply_prefix)
+    _, r, done, info = env.step(f" {item.answer}, not the biggest city.")
+    assert done and r == 1.0 and info["ended_by"] == "done_fn"
+    env.reset(0)
+    wrong = next(c for c in ("Sydney", "Toronto") if c != item.answer)
+    assert env.step(f" {wrong}, not {item.answer}.")[1] == 0.0  # the first city named counts
+    # a file-level reply_prefix applies to items without their own
+    path = write(tmp_path, GOOD.replace('main_prompt: "You are a helpful assistant."',
+                                        'main_prompt: "You are a helpful assistant."\nreply_prefix: "Well,"'))
+    assert load_task(path).items[0].reply_prefix == "Well,"
+    assert load_task(SEED_FILE).items[0].reply_prefix == ""
+
+
+def test_evaluation_replays_the_same_episodes(policy, encoder):
+    model, tok = policy
+    cfg = with_task(ArcherConfig.smoke(), "capital_choice", eval_episodes=8)
+    a = evaluate(model, tok, cfg, encoder=encoder)
+    b = evaluate(model, tok, cfg, encoder=encoder)
+    c = evaluate(model, tok, cfg, encoder=encoder, seed=123)
+    assert a["starts"] == b["starts"] and [e.actions for e in a["trajectories"]] == [e.actions for e in b["trajectories"]]
+    assert a["starts"] != c["starts"]
+    import random
+
+    assert [e.infos[-1]["item"] for e in a["trajectories"]] == [random.Random(s).randrange(8) for s in a["starts"]]
+
+
+# ---- bootstrapping and the fresh-action advantage, through train_archer's own steps ------------------------------
+
+class _OneHot:
+    """A different unit vector per text (so states that look alike to _FakeEncoder stay apart)."""
+
+    dim = 8
+
+    def __init__(self):
+        self.ids = {}
+
+    def embed(self, texts):
+        out = torch.zeros(len(texts), self.dim)
+        for i, t in enumerate(texts):
+            out[i, self.ids.setdefault(t, len(self.ids) % self.dim)] = 1.0
+        return out
+
+
+def test_critic_phase_bootstraps_through_non_terminal_transitions():
+    """A two-step chain s0 -go-> s1 -stop-> end with the reward only at the end: Q(s0, go) must reach γ·1,
+    which only happens if done = False transitions take r + γ·V̄(s′) (a critic treating every transition as
+    terminal leaves it at 0)."""
+    cfg = ArcherConfig.smoke(critic_hidden=32, critic_lr=1e-2, gamma=0.5, critic_steps=50, critic_batch=8)
+    torch.manual_seed(0)
+    critic = Critic(cfg, _OneHot(), device="cpu")
+    buffer = ReplayBuffer(100, seed=0)
+    buffer.add([Transition("s0", "go", 0.0, "s1", False), Transition("s1", "stop", 1.0, "end", True)])
+    for _ in range(12):
+        stats = critic_phase(critic, buffer, ["s0", "s1"], ["go", "stop"], cfg)
+    q = critic.values(["s0", "s1"], ["go", "stop"])
+    v = critic.values(["s0", "s1"], ["go", "stop"])["v"]
+    assert abs(q["q"][1] - 1.0) < 0.1 and abs(q["q"][0] - 0.5) < 0.1, q
+    assert abs(v[0] - 0.5) < 0.1 and stats["losses/critic"] < stats["losses/critic_first"] + 1e-9
+
+
+def tiny(**kw) -> ArcherConfig:
+    base = dict(num_envs=2, env_steps=4, fresh_batch=2, critic_steps=2, critic_batch=4, warmup_iters=0,
+                eval_episodes=2, critic_hidden=16, checkpoint_every=0)
+    return with_task(ArcherConfig.smoke(), "capital_choice", **{**base, **kw})
+
+
+def test_v_step_uses_fresh_actions_and_the_actor_a_second_fresh_sample(monkeypatch, encoder):
+    """Inside train_archer: L_V's a′ are this iteration's freshly sampled utterances (not replay actions), the
+    actor trains on a SECOND fresh sample a″ that no critic step saw, and A = min Q − min V of a″ comes from the
+    ONLINE critic after its update."""
+    log = []
+    real_act, real_update, real_values, real_actor = archer.act, Critic.update, Critic.values, archer.actor_step
+
+    def spy_act(*a, **k):
+        u = real_act(*a, **k)
+        call = sum(1 for e in log if e[0] == "act")
+        u.texts = [f"{t} #{call}.{i}" for i, t in enumerate(u.texts)]  # every sampled row is recognisable
+        log.append(("act", u))
+        return u
+
+    def spy_update(self, batch, fresh_obs, fresh_actions):
+        log.append(("update", list(fresh_obs), list(fresh_actions), [t.action for t in batch]))
+        return real_update(self, batch, fresh_obs, fresh_actions)
+
+    def spy_values(self, obs, actions, target=False):
+        out = real_values(self, obs, actions, target)
+        log.append(("values", list(obs), list(actions), target, out))
+        return out
+
+    def spy_actor(model, opt, u, advantages, cfg):
+        log.append(("actor", list(u.texts), advantages.clone()))
+        return real_actor(model, opt, u, advantages, cfg)
+
+    monkeypatch.setattr(archer, "act", spy_act)
+    monkeypatch.setattr(Critic, "update", spy_update)
+    monkeypatch.setattr(Critic, "values", spy_values)
+    monkeypatch.setattr(archer, "actor_step", spy_actor)
+    cfg = tiny()
+    train_archer(cfg, "spy", encoder=encoder)
+    acts = [i for i, e in enumerate(log) if e[0] == "act"]
+    assert len(acts) == 2 and sum(e[0] == "actor" for e in log) == 2
+    for k, start in enumerate(acts):
+        end = acts[k + 1] if k + 1 < len(acts) else len(log)
+        u = log[start][1]
+        n, F_ = cfg.num_envs, (len(u.texts) - cfg.num_envs) // 2
+        executed, a1, a2 = u.texts[:n], u.texts[n:n + F_], u.texts[n + F_:]
+        events = log[start + 1:end]
+        updates = [e for e in events if e[0] == "update"]
+        assert len(updates) == cfg.critic_steps
+        for _, fresh_obs, fresh_actions, replay_actions in updates:
+            assert fresh_actions == a1 and fresh_obs == u.observations[n:n + F_]
+            assert not set(fresh_actions) & set(replay_actions)  # a′ are not replay actions
+        actor = next(i for i, e in enumerate(events) if e[0] == "actor")
+        assert events[actor][1] == a2 and not set(a2) & set(a1) and not set(a2) & set(executed)
+        vals = [e for e in events[:actor] if e[0] == "values"]
+        assert vals and vals[-1][2] == a2 and vals[-1][3] is False  # online critic, on a″
+        assert all(e[0] != "update" for e in events[actor - 1:])  # after every critic step of the iteration
+        a_raw = vals[-1][4]["q"] - vals[-1][4]["v"]
+        assert torch.allclose(events[actor][2], a_raw / (a_raw.std() + 1e-8))  # normalize_advantage: scale only
+
+
+# ---- baselines: matched on environment samples AND gradient steps ------------------------------------------------
+
+def test_episode_advantages_by_hand():
+    g = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    grpo = episode_advantages(g, "grpo", group_size=4)
+    first = (g[:4] - g[:4].mean()) / g[:4].std()
+    assert torch.allclose(grpo[:4], first, atol=1e-6) and torch.equal(grpo[4:], torch.zeros(4))  # no variance: A = 0
+    ppo = episode_advantages(g, "ppo")
+    assert torch.allclose(ppo, (g - g.mean()) / g.std(), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ppo", "grpo"])
+def test_baseline_matches_archer_on_samples_and_gradient_steps(kind, encoder):
+    cfg = tiny(env_steps=8, warmup_iters=1, group_size=2)
+    run = train_baseline(cfg, f"match_{kind}", encoder=encoder, kind=kind)
+    assert run.env_steps == cfg.env_steps and run.grad_steps == archer_actor_steps(cfg) == 3
+    starts = [ep.observations[0] for ep in run.episodes]
+    if kind == "grpo":  # groups of episodes from the same start
+        assert all(starts[i] == starts[i + 1] for i in range(0, len(starts), 2))
+    row = run.df.dropna(subset=["charts/iteration"]).iloc[-1]
+    assert row["charts/grad_steps"] == 3 and row["charts/env_steps"] == 8
+
+
+# ---- the command line -------------------------------------------------------------------------------------------------
+
+BROKEN = [
+    ("missing key", lambda s: s.replace('main_prompt: "You are a helpful assistant."\n', ""), "main_prompt"),
+    ("item without answer", lambda s: s.replace("    answer: hi\n", ""), "items[0].answer"),
+    ("does not parse", lambda s: s.replace("return text.endswith", "return text.endswith(("), "done_fn"),
+    ("wrong name", lambda s: s.replace("def split_fn(output", "def splitter(output"), "split_fn"),
+    ("wrong arity", lambda s: s.replace("def score_fn(text: str, answer: str)", "def score_fn(text: str)"), "score_fn"),
+    ("not yaml", lambda s: s.replace("items:", "items: [unclosed"), "(yaml)"),
+]
+
+
+@pytest.mark.parametrize("what, mutate, field", BROKEN, ids=[b[0] for b in BROKEN])
+def test_cli_broken_task_file_is_one_line(what, mutate, field, tmp_path, capsys):
+    path = write(tmp_path, mutate(GOOD), "broken.yaml")
+    assert main(["train", "--dataset", str(path), "--profile", "smoke"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(path) in err and field in err and "Traceback" not in err, err
+
+
+def test_cli_user_mistakes_are_one_line(tmp_path, capsys):
+    cases = [
+        (["train", "--dataset", str(tmp_path / "nope.yaml")], "no such task file"),
+        (["eval", "--exp-path", str(tmp_path / "missing_run")], "no such run folder"),
+        (["train", "--resume"], "--resume needs --name"),
+    ]
+    run = tmp_path / "a_run"
+    (run / "checkpoints" / "latest" / "actor").mkdir(parents=True)
+    (run / "run.json").write_text('{"algo": "archer", "config": {}}')
+    cases.append((["eval", "--exp-path", str(run), "--chkpt-label", "best"], "no checkpoint 'best' (checkpoints here: latest)"))
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and words in err and "Traceback" not in err, (argv, err)
+
+
+def test_cli_entry_point_prints_no_traceback(tmp_path):
+    path = write(tmp_path, BROKEN[2][1](GOOD), "broken.yaml")
+    out = subprocess.run([sys.executable, "-m", "rlnlp.archer", "train", "--dataset", str(path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert [line for line in out.stderr.splitlines() if line.startswith("error:")] == [out.stderr.strip()], out.stderr
+
+
+def test_kill_and_resume_continues_exactly(tmp_path, encoder):
+    """Kill a CLI training run after its first checkpoint, resume it, and compare with a run straight through:
+    the same metrics row for row (actor, critic, target, optimisers, buffer, environments and RNG restored)."""
+    runs = tmp_path / "runs"
+    assert os.environ["RLNLP_RUNS"] == str(runs)  # conftest's folder: the in-process runs below use it too
+    env = {**os.environ, "RLNLP_PROFILE": "smoke"}
+    argv = ["train", "--dataset", str(CAPITALS), "--name", "killed", "--env-steps", "32", "--checkpoint-every", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "rlnlp.archer", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state, meta_file = runs / "killed" / "checkpoints" / "latest" / "state.pt", runs / "killed" / "run.json"
+    deadline = time.time() + 240
+    while not (state.exists() and meta_file.exists()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    import json
+
+    meta = json.loads((runs / "killed" / "run.json").read_text())
+    assert not meta["complete"] and meta["env_steps"] < 32, meta  # killed part-way
+    assert main(["train", "--resume", "--name", "killed"]) == 0
+    resumed = json.loads((runs / "killed" / "run.json").read_text())
+    assert resumed["complete"] and resumed["env_steps"] == 32
+    _, cfg, _ = archer.read_run(runs / "killed")
+    straight = train_archer(cfg, "straight")  # its own encoder, as the CLI runs have
+    import pandas as pd
+
+    a = pd.read_csv(runs / "killed" / "metrics.csv")
+    b = straight.df
+    keep = [c for c in b.columns if not c.startswith("time/")]
+    assert len(a) == len(b)
+    differ = [c for c in keep if not np.allclose(a[c].to_numpy(float), b[c].to_numpy(float), atol=1e-5, equal_nan=True)]
+    assert not differ, {c: [(i, x, y) for i, (x, y) in enumerate(zip(a[c], b[c])) if not np.isclose(x, y, atol=1e-5, equal_nan=True)][:3]
+                        for c in differ}
+
+
+# ---- the full preset's shapes -------------------------------------------------------------------------------------------
+
+@pytest.mark.full_dryrun
+def test_full_preset_runs_one_iteration_with_its_shapes(encoder):
+    """ArCHer and both baselines, one iteration / round each, with the full preset's batch sizes and caps, on the CPU."""
+    for task in ("capital_choice", "twenty_questions_6"):
+        cfg = with_task(ArcherConfig.full(), task)
+        one = dict(env_steps=cfg.num_envs, warmup_iters=0)
+        run = train_archer(replace_cfg(cfg, **one), f"full_{task}", encoder=encoder)
+        row = run.df.dropna(subset=["charts/iteration"]).iloc[-1]
+        assert row["charts/env_steps"] == cfg.num_envs and row["charts/grad_steps"] == 1
+        assert run.policy_samples == 3 * cfg.num_envs  # acting, a′ and a″ (the first iteration's states: the starts)
+        assert np.isfinite([row["losses/critic"], row["stats/advantage_std"], row["stats/grad_norm"]]).all()
+        for kind in ("ppo", "grpo") if task == "capital_choice" else ():  # the notebook runs baselines there only
+            b = train_baseline(replace_cfg(cfg, **one), f"full_{task}_{kind}", encoder=encoder, kind=kind, grad_steps=1)
+            assert b.env_steps >= cfg.num_envs and b.grad_steps == 1
+
+
+def replace_cfg(cfg, **kw):
+    from dataclasses import replace
+
+    return replace(cfg, **kw)

@@ -12,6 +12,8 @@ A task file, exactly the recurve format::
       def done_fn(text: str): ...
     split_fn: |                                   # (output) -> bool: does the current utterance end here
       def split_fn(output: str): ...
+    reply_prefix: "The answer is"                 # OPTIONAL (rlnlp's addition): the start of the reply,
+                                                  # written for the policy; an item may give its own
 
 **Task files are code.** Loading one executes its three functions with full Python power (each
 in its own fresh namespace, but nothing is sandboxed): run only task files you trust.
@@ -23,7 +25,8 @@ the assistant turn opened, then everything generated so far. With SmolLM2 (ChatM
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n...<|im_end|>\\n
     <|im_start|>assistant\\n<generated utterances ...>
 
-so the seed's ``text.split("assistant")[-1]`` is the assistant's reply: the LAST "assistant" is
+(followed by the item's ``reply_prefix``, when the file gives one) so the seed's
+``text.split("assistant")[-1]`` is the assistant's reply: the LAST "assistant" is
 the header of the turn being written, even when main_prompt says "assistant" too. (It breaks if
 the model itself writes the word "assistant" — a quirk of the seed's functions, kept verbatim.)
 When the model ends its turn (EOS), the end-of-turn marker (``<|im_end|>``) is appended to the
@@ -57,6 +60,7 @@ import numpy as np
 import yaml
 
 REQUIRED_KEYS = ("main_prompt", "items", "score_fn", "done_fn", "split_fn")
+OPTIONAL_KEYS = ("reply_prefix",)
 FUNCTION_ARITY = {"score_fn": 2, "done_fn": 1, "split_fn": 1}
 
 
@@ -73,6 +77,7 @@ class Item:
     prompt: str
     answer: str
     line: int  # 1-based line of the item in its file
+    reply_prefix: str = ""  # the start of the assistant's reply, written for the policy (optional key)
 
 
 @dataclass
@@ -189,6 +194,7 @@ def load_task(path: str | Path) -> Task:
         if key not in top:
             raise _fail(path, root.start_mark.line + 1, key, f"missing key {key!r} in the top-level mapping (it has: {', '.join(top) or 'nothing'})")
     main_prompt = _text(top["main_prompt"][1], path, "main_prompt")
+    default_prefix = _text(top["reply_prefix"][1], path, "reply_prefix") if "reply_prefix" in top else ""
     items_node = top["items"][1]
     if not isinstance(items_node, yaml.SequenceNode) or not items_node.value:
         raise _fail(path, items_node.start_mark.line + 1, "items", "expected a non-empty list of {prompt, answer}")
@@ -199,9 +205,11 @@ def load_task(path: str | Path) -> Task:
         for key in ("prompt", "answer"):
             if key not in fields_:
                 raise _fail(path, node.start_mark.line + 1, f"{where}.{key}", f"item {i} has no {key!r}")
+        prefix = (_text(fields_["reply_prefix"][1], path, f"{where}.reply_prefix") if "reply_prefix" in fields_
+                  else default_prefix)
         items.append(Item(prompt=_text(fields_["prompt"][1], path, f"{where}.prompt"),
                           answer=_text(fields_["answer"][1], path, f"{where}.answer"),
-                          line=node.start_mark.line + 1))
+                          line=node.start_mark.line + 1, reply_prefix=prefix))
     functions, lines = {}, {}
     for name in FUNCTION_ARITY:
         functions[name], lines[name] = _compile_function(name, top[name][1], path)
@@ -230,15 +238,23 @@ class RecurveEnv:
         self.end_of_turn = end_of_turn or self.tokenizer.eos_token
         self.max_utterances = max_utterances
         # one rendered prefix per item: system = main_prompt, user = prompt, assistant turn opened
-        self.prefixes = render_prompts(self.tokenizer, [[{"role": "system", "content": self.task.main_prompt},
-                                                        {"role": "user", "content": it.prompt}]
-                                                       for it in self.task.items])
+        # (then the item's reply_prefix, if the file gives one)
+        rendered = render_prompts(self.tokenizer, [[{"role": "system", "content": self.task.main_prompt},
+                                                   {"role": "user", "content": it.prompt}] for it in self.task.items])
+        self.prefixes = [r + it.reply_prefix for r, it in zip(rendered, self.task.items)]
         self.item, self.text, self.turn, self.done = 0, "", 0, True
 
     def reset(self, seed: int | None = None) -> str:
         self.item = random.Random(seed).randrange(len(self.task.items))
         self.text, self.turn, self.done = self.prefixes[self.item], 0, False
         return self.text
+
+    def state(self) -> dict:
+        """What a checkpoint needs to continue this episode."""
+        return {"item": self.item, "text": self.text, "turn": self.turn, "done": self.done}
+
+    def load_state(self, state: dict) -> None:
+        self.item, self.text, self.turn, self.done = state["item"], state["text"], state["turn"], state["done"]
 
     def item_of(self, observation: str) -> int | None:
         """Which item an observation (possibly from a replay buffer) started from."""

@@ -7,32 +7,49 @@ Each training step, for a batch of prompts x:
 3. reflection     Δ ~ π(·| reflect(x, y1, f1, r1, memory))  — ONE batched sampler call for all gated;
 4. retry          y2 ~ π(·| retry(x, Δ))                     — ONE batched sampler call; r2 = R(x, y2);
 5. memory         Δ is stored (FIFO of ``memory_size``) when the add rule fires;
-6. GRPO           over y1 (r1), Δ (r2) and y2 (r2): ``joint`` = one update, advantages normalised
-                  over the whole batch (Algorithm 1); ``split`` = y1 with TRL's group advantages, then
-                  Δ + y2 with their own normalisation (Algorithm 2);
-7. internalize    L_int = −mean_t log π(y2_t | x, y2_<t) over retries with r2 > 0 (prompt tokens
-                  masked), so the policy answers well WITHOUT the scaffold.
+6. GRPO           over y1 (r1), Δ (r2) and y2 (r2), see ``algorithm`` below;
+7. internalize    L_int = −(1/N_int) Σ log π(y2_t | x, y2_<t) over the retries the internalization rule
+                  picks (prompt tokens masked; N_int = their tokens in the generation batch), so the
+                  policy answers well WITHOUT the scaffold.
 
-    L = L_GRPO(y1, Δ, y2) + internalization_coef · L_int
+    joint (Algorithm 1):  L = L_TRL(y1 ∪ Δ ∪ y2)                      + λ_int · L_int
+    split (Algorithm 2):  L = L_TRL(y1) + L_TRL(Δ ∪ y2)               + λ_int · L_int
+
+``L_TRL(rows)`` is ONE call of ``GRPOTrainer._compute_loss`` over those rows, so whatever TRL's
+configured loss does — every ``loss_type``, β·KL, the entropy bonus, the MoE auxiliary loss, clipping,
+importance-sampling level — is applied exactly once per call, by construction. In ``joint`` the
+advantages are normalised over the whole batch [r1; r2; r2]; in ``split`` y1 keeps TRL's
+group-relative advantages and Δ + y2 are normalised among themselves. ``split`` is ONE optimiser
+step with two terms of weight 1 each (not two optimiser steps): the spec and the erl-trainer README
+say all generation happens before the optimiser step and describe Algorithm 2 as calling the loss
+twice on the split batch; one step also keeps "equal steps" comparable with plain GRPO and the
+learning-rate schedule unchanged. Each term is its own TRL objective (its own token normaliser for
+the dapo-style losses, its own entropy mean), i.e. the gradient is the sum of the two updates'.
 
 How it sits on TRL 1.16 (``trl>=1.16,<1.17``; these internals change between minor versions):
 ``_prepare_inputs`` (train mode) calls ``GRPOTrainer._generate_and_score_completions`` for y1 —
 so y1, r1 and the baseline's rollouts go through the identical TRL code — then appends the Δ, y2
-and internalization rows to the same row-aligned batch (a per-row ``erl_part`` tag), which TRL's
-shuffling and splitting carry along. ``_compute_loss`` calls ``GRPOTrainer._compute_loss`` once
-per part (y1, Δ, y2) with weights that make the sum equal one pass over the combined batch for
-the configured ``loss_type`` (so every GRPO loss option keeps working), then adds L_int.
-Reflections and retries use the workbook's one sampler, ``rlnlp.sampling.sample``, on the
-unwrapped policy (the same weights as y1; no vLLM, no ZeRO-3 gathering). Single process only.
+and internalization rows to the same row-aligned batch (a per-row ``erl_part`` tag) and deals each
+part evenly over the ``steps_per_generation`` micro-batches. Reflections and retries use the
+workbook's one sampler, ``rlnlp.sampling.sample``, on the unwrapped policy (the same weights as y1;
+no vLLM, no ZeRO-3 gathering; single process). Cost: every forward pass (the loss and the old /
+reference log-probs) packs at most ``per_device_train_batch_size`` rows into one sequence in which
+their shared prompt prefix appears once and no padding at all (``PackedForward``: a group's y1 rows
+share the whole prompt, a prompt's reflections share template, memory and task), and the LM head
+runs on completion positions only; models it cannot serve exactly use TRL's forward on chunks of
+that many rows with all-padding columns dropped per chunk. ``python -m rlnlp.bench erl`` times an
+ERL step against TRL's GRPO step and a packed GRPO step at the same config, phase by phase.
 Evaluation (``evaluate``) answers held-out prompts greedily with NO reflection.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
 import math
 import string
 import time
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -42,20 +59,21 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational
-from trl.trainer.utils import shuffle_sequence_dict
+from trl.trainer.utils import pad
 
 from .models import position_ids_from_mask, resolve_policy
-from .sampling import pad_cat, sample
+from .sampling import sample
 from .tracking import runs_dir
 
+# Fixed text first, then what all gated samples of a step share (the memory, under recency retrieval),
+# then what a group shares (the task), then the sample's own attempt: the longest common prefix for the
+# sampler's shared prefill. Short, because every reflection-prompt token is paid again in the loss.
 DEFAULT_REFLECTION_PROMPT = (
-    "You tried a task and did not fully succeed.\n"
+    "Lessons from earlier tasks: {memory}\n"
     "Task: {prompt}\n"
     "Your answer: {attempt}\n"
-    "Feedback: {feedback}\n"
-    "Score: {reward}\n"
-    "Lessons from earlier tasks: {memory}\n"
-    "In one or two sentences, say what went wrong and exactly what to do differently next time."
+    "Feedback: {feedback} Score: {reward}.\n"
+    "In one sentence, say what to change in your next answer."
 )
 DEFAULT_RETRY_PROMPT = "{prompt}\nAdvice from your last try: {reflection}"
 REFLECTION_FIELDS = {"prompt", "attempt", "feedback", "reward", "memory"}
@@ -63,7 +81,10 @@ RETRY_FIELDS = {"prompt", "reflection"}
 PARTS = {"y1": 0, "reflection": 1, "retry": 2, "internalization": 3}
 # Row-aligned keys TRL's y1 batch may carry that ERL knows how to extend to Δ / y2 rows.
 ROW_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages",
-            "old_per_token_logps", "ref_per_token_logps", "sampling_per_token_logps")
+            "old_per_token_logps", "ref_per_token_logps")
+COMPLETION_KEYS = ("completion_ids", "completion_mask", "old_per_token_logps", "ref_per_token_logps")
+INTERNALIZATION_RULES = ("success", "improved", "positive")
+SAMPLER_GENERATION_KWARGS = {"temperature", "top_p", "top_k", "do_sample"}
 
 
 def _template_fields(template: str, allowed: set[str], name: str) -> None:
@@ -76,7 +97,8 @@ def _template_fields(template: str, allowed: set[str], name: str) -> None:
 
 @dataclass
 class ERLConfig(GRPOConfig):
-    """Every ``GRPOConfig`` option plus ERL's. Presets: ``ERLConfig.smoke()`` (CPU, minutes) and ``.full()`` (one GPU).
+    """Every ``GRPOConfig`` option plus ERL's. Presets: ``.smoke()`` (mechanics), ``.cpu()`` (learning on a
+    2-core CPU), ``.full()`` (one GPU).
 
     On a machine without CUDA, leaving ``bf16`` unset gives fp32 on the CPU (TRL would default to
     bf16 and refuse to start), so the seed README's quick start runs unchanged here. The presets use a
@@ -97,26 +119,42 @@ class ERLConfig(GRPOConfig):
     """"recency": the newest entries; "similarity": the entries whose task prompt is closest to this one
     (cosine of MiniLM embeddings, rlnlp.models.TextEncoder)."""
     reflection_system_prompt: str = DEFAULT_REFLECTION_PROMPT
-    """Reflection prompt template: {prompt} {attempt} {feedback} {reward} {memory}. Sent as the user turn
-    (the 135M model follows user turns far better than system turns). Ours is shorter than the original's
-    multi-section template, which the small model mostly paraphrases back."""
+    """Reflection prompt template: {prompt} {attempt} {feedback} {reward} {memory}. It replaces the content
+    of the task's last user turn (system prompt and earlier turns are kept); the 135M model follows user
+    turns far better than system turns. Shorter than the original's multi-section template, which the small
+    model mostly paraphrases back and whose every token the loss pays for again."""
     retry_system_prompt: str = DEFAULT_RETRY_PROMPT
     """Retry prompt template: {prompt} {reflection} — y2 sees the task and Δ only, never y1 or f1."""
     reflection_max_new_tokens: int = 48
     """Token budget of a reflection Δ (retries use max_completion_length, like y1). Not in the original,
     which used one budget for everything."""
+    reflection_stop_at_newline: bool = True
+    """Δ ends at its first line break after some text (a one-sentence lesson, as the template asks): fewer
+    decoding steps and loss tokens. The original had no stop (every reflection ran to its token budget)."""
+    reflection_temperature: float | None = None
+    """Sampling temperature of Δ (None: ``temperature``, as in the original). The GRPO term on Δ still scores
+    it under π at ``temperature``, like every row. Lower values keep the 135M model's reflections on topic
+    (at 1.0 many open like a letter: "Hi Maja,")."""
     internalization_coef: float = 1.0
-    """Weight of the internalization cross-entropy relative to the GRPO loss."""
+    """λ_int: weight of the internalization cross-entropy relative to the GRPO loss."""
+    internalization_rule: str = "success"
+    """Which retries are distilled into (x → y2): "success" (default) r2 ≥ τ — the retry passed the gate
+    its first attempt failed, the paper's "successful second attempts"; "improved": r2 > r1; "positive":
+    r2 > 0, the original's rule, which on partial-credit tasks distils retries no better than y1."""
     enable_memory: bool = True
     """Retrieve from and add to the reflection memory (off: every reflection prompt says "None available.")."""
     enable_internalization: bool = True
     """Add the internalization loss (off: pure RL on y1, Δ, y2)."""
     algorithm: str = "joint"
-    """"joint" (Algorithm 1: one update, batch-wide advantage normalisation) or "split" (Algorithm 2)."""
+    """"joint" (Algorithm 1: one TRL loss over y1 ∪ Δ ∪ y2, batch-wide advantages) or "split" (Algorithm 2:
+    one TRL loss over y1 with group advantages plus one over Δ ∪ y2 with their own; one optimiser step)."""
     tasks: tuple[str, ...] = ("json_key",)
     """Workbook experiments only: the feedback tasks (rlnlp.envs.feedback_tasks) the notebook trains on."""
-    eval_size: int | None = 32
+    eval_size: int | None = None
     """Workbook experiments only: held-out prompts per evaluation (None = the whole eval split)."""
+    lora_r: int | None = None
+    """Workbook experiments only: LoRA rank of ``train_run``'s adapter (alpha = 2·r, all linear layers);
+    None trains every weight."""
 
     def __post_init__(self):
         if self.bf16 is None and not self.fp16 and not torch.cuda.is_available():
@@ -126,34 +164,59 @@ class ERLConfig(GRPOConfig):
             raise ValueError(f"ERLConfig.algorithm must be 'joint' or 'split', got {self.algorithm!r}")
         if self.memory_retrieval not in ("recency", "similarity"):
             raise ValueError(f"ERLConfig.memory_retrieval must be 'recency' or 'similarity', got {self.memory_retrieval!r}")
+        if self.internalization_rule not in INTERNALIZATION_RULES:
+            raise ValueError(f"ERLConfig.internalization_rule must be one of {INTERNALIZATION_RULES}, "
+                             f"got {self.internalization_rule!r}")
         if self.memory_size < 0 or self.memory_top_k < 0 or self.internalization_coef < 0:
             raise ValueError("ERLConfig: memory_size, memory_top_k and internalization_coef must be ≥ 0")
         if not math.isfinite(self.reward_threshold):
             raise ValueError(f"ERLConfig.reward_threshold must be finite, got {self.reward_threshold}")
+        if self.reflection_temperature is not None and self.reflection_temperature < 0:
+            raise ValueError(f"ERLConfig.reflection_temperature must be ≥ 0, got {self.reflection_temperature}")
+        if self.algorithm == "split" and self.use_adaptive_entropy:
+            raise NotImplementedError("ERLConfig: algorithm='split' calls TRL's loss twice per micro-batch, which "
+                                      "would step the adaptive entropy controller twice; use 'joint' or a fixed entropy_coef")
         _template_fields(self.reflection_system_prompt, REFLECTION_FIELDS, "reflection_system_prompt")
         _template_fields(self.retry_system_prompt, RETRY_FIELDS, "retry_system_prompt")
         self.tasks = tuple(self.tasks)
 
     @classmethod
-    def smoke(cls, **overrides) -> "ERLConfig":
-        """Two steps of 1 prompt × 4 completions × 24 tokens on CPU: checks the mechanics, not learning."""
-        kw = dict(output_dir=str(runs_dir() / "erl-smoke"), per_device_train_batch_size=4, num_generations=4,
-                  max_completion_length=24, reflection_max_new_tokens=24, max_steps=2, learning_rate=1e-5,
-                  lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", seed=0, eval_size=None,
-                  tasks=("json_key",), dataloader_num_workers=0)
+    def _preset(cls, name: str, **kw) -> "ERLConfig":
+        # gradient_checkpointing False (TRL: True): a 135M policy needs no activation-memory saving on a CPU, and
+        # recomputing the forward in the backward cost 15% of ERL's loss step (measured 2026-12-02, smoke batch).
+        base = dict(output_dir=str(runs_dir() / f"erl-{name}"), lr_scheduler_type="constant", logging_steps=1,
+                    save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0, gradient_checkpointing=False)
         if not torch.cuda.is_available():
-            kw.update(use_cpu=True, bf16=False)
-        return cls(**{**kw, **overrides})
+            base.update(use_cpu=True, bf16=False)
+        return cls(**{**base, **kw})
+
+    @classmethod
+    def smoke(cls, **overrides) -> "ERLConfig":
+        """Two steps of 1 prompt × 4 completions × 24 tokens on the CPU: checks the mechanics, not learning."""
+        return cls._preset("smoke", **{**dict(
+            per_device_train_batch_size=4, num_generations=4, max_completion_length=24, reflection_max_new_tokens=16,
+            reflection_temperature=0.7, memory_top_k=2, max_steps=2, learning_rate=1e-5, tasks=("json_key",),
+            eval_size=32), **overrides})
+
+    @classmethod
+    def cpu(cls, **overrides) -> "ERLConfig":
+        """The learning profile (2 CPU cores, ≤ 10 min for the notebook): 2 prompts × 4 completions × 20 tokens,
+        LoRA r 16 at lr 3e-4 (the original's 1e-6 full fine-tuning does not move a 135M policy in minutes) and
+        temperature 0.7 (TRL: 1.0; at 1.0 45% of json_key's 4-sample groups have reward variance, at 0.7 83%)."""
+        return cls._preset("cpu", **{**dict(
+            per_device_train_batch_size=8, num_generations=4, max_completion_length=20, reflection_max_new_tokens=20,
+            temperature=0.7, reflection_temperature=0.7, memory_top_k=2, max_steps=8, learning_rate=3e-4, lora_r=16,
+            tasks=("json_key",), eval_size=150), **overrides})
 
     @classmethod
     def full(cls, **overrides) -> "ERLConfig":
-        """One H100: 150 steps of 4 prompts × 8 completions on all five feedback tasks (never run here)."""
-        kw = dict(output_dir=str(runs_dir() / "erl-full"), per_device_train_batch_size=32, num_generations=8,
-                  max_completion_length=64, reflection_max_new_tokens=64, max_steps=150, learning_rate=3e-6,
-                  lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", seed=0, eval_size=None,
-                  tasks=("arithmetic", "word_count", "json_key", "letters", "frozen_lake"),
-                  bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        return cls(**{**kw, **overrides})
+        """One H100/H200: 4 prompts × 8 completions × 32 tokens, LoRA, 20 ERL steps. Estimated (never run: no GPU
+        was lent) at ~2 s per ERL step — three decoding loops of 32 steps at ~12 ms each plus a loss over ~100 rows —
+        so ~40 s of ERL and ~40 s of GRPO at equal time: ≤ 90 s of training."""
+        return cls._preset("full", **{**dict(
+            per_device_train_batch_size=32, num_generations=8, max_completion_length=32, reflection_max_new_tokens=32,
+            temperature=0.7, reflection_temperature=0.7, max_steps=20, learning_rate=3e-4, lora_r=16, tasks=("json_key",),
+            eval_size=None), **overrides})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,6 +226,17 @@ class ERLConfig(GRPOConfig):
 def should_store(r1: float, r2: float, threshold: float | None) -> bool:
     """The memory add rule: r2 > r1 (threshold None) or r2 ≥ threshold."""
     return r2 > r1 if threshold is None else r2 >= threshold
+
+
+def should_internalize(r1: float, r2: float, rule: str, tau: float) -> bool:
+    """The internalization rule: "success" r2 ≥ τ, "improved" r2 > r1, "positive" r2 > 0."""
+    if rule == "success":
+        return r2 >= tau
+    if rule == "improved":
+        return r2 > r1
+    if rule == "positive":
+        return r2 > 0
+    raise ValueError(f"unknown internalization rule {rule!r}; use one of {INTERNALIZATION_RULES}")
 
 
 class ReflectionMemory:
@@ -198,7 +272,7 @@ class ReflectionMemory:
 
 
 # ----------------------------------------------------------------------------------------------
-# the two pieces of math ERL adds to GRPO
+# the math ERL adds to GRPO, and the padding it never pays for
 
 
 def erl_advantages(r1: torch.Tensor, r2: torch.Tensor, algorithm: str, y1_group_advantages: torch.Tensor,
@@ -220,6 +294,35 @@ def erl_advantages(r1: torch.Tensor, r2: torch.Tensor, algorithm: str, y1_group_
     return y1_group_advantages, a[:G], a[G:]
 
 
+def trim_padding(batch: dict) -> dict:
+    """Drop the columns that are padding in every row: prompts' left, completions' right (≥ 1 column kept).
+
+    ``prompt_*`` (R, P) left-padded; ``completion_*``, ``old/ref_per_token_logps`` (R, C) right-padded."""
+    p_keep = int(batch["prompt_mask"].sum(1).max().clamp(min=1))
+    c_keep = int(batch["completion_mask"].sum(1).max().clamp(min=1))
+    out = dict(batch)
+    for key in ("prompt_ids", "prompt_mask"):
+        out[key] = batch[key][:, batch[key].shape[1] - p_keep :]
+    for key in COMPLETION_KEYS:
+        if key in batch and isinstance(batch[key], torch.Tensor):
+            out[key] = batch[key][:, :c_keep]
+    return out
+
+
+def select_rows(batch: dict, rows: torch.Tensor, trim: bool = True) -> dict:
+    """The rows ``rows`` (bool mask or indices) of a row-aligned batch; 0-d tensors and other values are kept."""
+    out = {k: (v[rows] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in batch.items()}
+    return trim_padding(out) if trim else out
+
+
+def deal_rows(part: torch.Tensor, chunks: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Row indices of ``chunks`` micro-batches: each part's rows shuffled and dealt round-robin, so every
+    micro-batch holds its share of y1, Δ, y2 and internalization rows (sizes differ by at most one)."""
+    order = torch.cat([idx[torch.randperm(idx.numel(), generator=generator)]
+                       for code in sorted(set(part.tolist())) for idx in [(part == code).nonzero().flatten().cpu()]])
+    return [order[i::chunks].to(part.device) for i in range(chunks)]
+
+
 def internalization_labels(prompt_ids, prompt_mask, completion_ids, completion_mask):
     """Inputs and labels for (x → y2): labels are −100 on prompt tokens and padding, the token id elsewhere.
 
@@ -233,30 +336,39 @@ def internalization_labels(prompt_ids, prompt_mask, completion_ids, completion_m
     return input_ids, attention_mask, labels
 
 
-def internalization_loss(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> tuple[torch.Tensor, dict]:
-    """L_int = −(1/N) Σ_{labelled tokens} log π(y2_t | x, y2_<t): token-mean cross-entropy on the retry,
-    conditioned on the ORIGINAL prompt; N = number of non-masked retry tokens."""
-    input_ids, attention_mask, labels = internalization_labels(prompt_ids, prompt_mask, completion_ids, completion_mask)
-    C = completion_ids.shape[1]
+def internalization_loss(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                         normalizer: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """L_int = −(1/N) Σ_{labelled tokens} log π(y2_t | x, y2_<t): cross-entropy on the retry conditioned on the
+    ORIGINAL prompt. N = ``normalizer`` (the trainer passes the generation batch's internalized-token count,
+    so a token's weight does not depend on which micro-batch it falls in); None: these rows' token count."""
+    rows = trim_padding({"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+                         "completion_mask": completion_mask})
+    input_ids, attention_mask, labels = internalization_labels(rows["prompt_ids"], rows["prompt_mask"],
+                                                               rows["completion_ids"], rows["completion_mask"])
+    C = rows["completion_ids"].shape[1]
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                 logits_to_keep=C + 1, use_cache=False)
     logits = out.logits[:, :-1, :].float()  # (B, C, V): position P−1+t predicts retry token t
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, -C:].reshape(-1), ignore_index=-100)
-    return loss, {"losses/internalization": loss.item(), "stats/internalized_tokens": int((labels != -100).sum())}
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, -C:].reshape(-1), ignore_index=-100,
+                         reduction="sum")
+    tokens = int((labels != -100).sum())
+    loss = ce / (max(tokens, 1) if normalizer is None else normalizer)
+    return loss, {"losses/internalization": ce.item() / max(tokens, 1), "stats/internalized_tokens": tokens}
 
 
-def _split_rows(batch: dict, chunks: int) -> list[dict]:
-    """Like TRL's split_tensor_dict, but never drops rows when the row count is not a multiple of ``chunks``."""
-    rows = batch["erl_part"].shape[0]
-    bounds = torch.linspace(0, rows, chunks + 1).round().long().tolist()
-    return [{k: (v[a:b] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in batch.items()}
-            for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def _prompt_text(prompt) -> str:
+def _last_user_text(prompt) -> str:
     if isinstance(prompt, str):
         return prompt
-    return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+    content = prompt[-1]["content"] if prompt and prompt[-1].get("role") == "user" else None
+    if not isinstance(content, str):
+        raise ValueError("ERLTrainer: a conversational prompt must end with a user turn whose content is text; got "
+                         f"{str(prompt[-1:])[:120]}")
+    return content
+
+
+def _ends_line(text: str) -> bool:
+    """Stop rule for Δ: a line break after some text."""
+    return "\n" in text.lstrip()
 
 
 def _completion_text(completion) -> str:
@@ -264,20 +376,215 @@ def _completion_text(completion) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# the trainer
+# the trainers
 
 
-class ERLTrainer(GRPOTrainer):
+class PackedForward:
+    """Mixin for a ``GRPOTrainer``: the per-token log-probs (and entropies) of every forward pass — the loss and the
+    old / reference log-probs — computed without padding and with each shared prompt prefix computed once.
+
+    Rows are sorted by their prompt tokens and taken ``per_device_train_batch_size`` at a time (the configured
+    micro-batch size). The rows of one such pack share their longest common prompt prefix (a group's y1 rows share
+    the whole prompt; the reflections of one prompt share the template, the memory and the task); the pack is ONE
+    sequence ``[prefix, row 1's own prompt + completion, row 2's ..., ...]`` with a block-causal attention mask (each
+    row sees the prefix and itself) and each row's own position ids, so every row's log-probs are those of the row
+    alone (RoPE depends on position differences only). The LM head (TRL's ``ChunkedLogProbFunction``, the kernel of
+    its fused head, same temperature) runs on the completion positions only. Exact to float rounding against TRL's
+    padded forward (tests/test_erl.py); the gradient is the same, with fewer tokens through the model: at the smoke
+    config a y1 group's 4 × (56 + 24) tokens become 55 + 4 × 25.
+
+    Models the packing cannot serve exactly fall back to TRL's forward, chunked to the micro-batch size with
+    all-padding columns dropped per chunk: MoE auxiliary loss, multimodal inputs, attention other than sdpa / eager,
+    sliding-window layers, logit soft-capping or scaling, PEFT other than LoRA. ``packed_forward = False`` turns it
+    off (TRL's own forward, unchunked, exactly as ``GRPOTrainer``)."""
+
+    packed_forward: bool = True
+
+    def _packable_backbone(self, model):
+        """(backbone, lm_head) of ``model`` when the packed path is exact for it, else None."""
+        from accelerate.utils import is_peft_model
+
+        m = self.accelerator.unwrap_model(model)
+        if is_peft_model(m):
+            if any(str(getattr(c, "peft_type", "")).split(".")[-1] != "LORA" for c in m.peft_config.values()):
+                return None
+            m = m.get_base_model()
+        cfg = m.config.get_text_config()
+        scaled = any(getattr(cfg, k, None) is not None for k in ("final_logit_softcapping", "logit_scale",
+                                                                   "output_multiplier", "lm_head_multiplier", "logits_scaling"))
+        sliding = any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or []))
+        head = m.get_output_embeddings()
+        if (scaled or sliding or getattr(cfg, "output_router_logits", False) or getattr(self.args, "cast_lm_head_to_fp32", False)
+                or m.config._attn_implementation not in ("sdpa", "eager") or type(head) is not torch.nn.Linear):
+            return None
+        return getattr(m, "base_model"), head
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        if any(v is not None for v in multimodal.values()):  # images: TRL's own path
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size,
+                                                              compute_entropy, compute_aux_loss, **multimodal)
+        if not self.packed_forward:
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size,
+                                                              compute_entropy, compute_aux_loss)
+        size = batch_size or self.args.per_device_train_batch_size
+        parts = None if compute_aux_loss else self._packable_backbone(model)
+        if parts is not None:
+            out = self._packed_logps(*parts, input_ids, attention_mask, logits_to_keep, size, compute_entropy)
+            if out is not None:
+                return out
+        return self._chunked_logps(model, input_ids, attention_mask, logits_to_keep, size, compute_entropy, compute_aux_loss)
+
+    def _packed_logps(self, backbone, head, input_ids, attention_mask, logits_to_keep, size, compute_entropy):
+        from trl.kernels import ChunkedLogProbFunction
+
+        R, C = input_ids.shape[0], logits_to_keep
+        P = input_ids.shape[1] - C
+        dev = input_ids.device
+        p_mask, c_mask = attention_mask[:, :P].bool(), attention_mask[:, P:]
+        c_len = c_mask.sum(1)
+        if not bool((c_mask.cumprod(1).sum(1) == c_len).all()):  # a completion mask with holes: not a packable row
+            return None
+        prompts = [input_ids[i, :P][p_mask[i]].tolist() for i in range(R)]
+        if min(len(p) for p in prompts) == 0 or int(c_len.sum()) == 0:
+            return None
+        comps = [input_ids[i, P : P + int(c_len[i])].tolist() for i in range(R)]
+        order = sorted(range(R), key=lambda i: prompts[i])  # shared prefixes end up side by side
+        outputs = ("log_probs", "entropy") if compute_entropy else ("log_probs",)
+        logps = entropies = None
+        rows_out, cols_out, lp_out, ent_out = [], [], [], []
+        for start in range(0, R, size):
+            rows = order[start : start + size]
+            first = prompts[rows[0]]
+            L = min(len(prompts[i]) for i in rows) - 1  # every row keeps ≥ 1 own prompt token: it predicts its first token
+            for i in rows[1:]:
+                p = prompts[i]
+                L = next((k for k in range(L) if p[k] != first[k]), L)
+            tokens, seg, pos, pred, targets = list(first[:L]), [0] * L, list(range(L)), [], []
+            for k, i in enumerate(rows):
+                own, comp = prompts[i][L:], comps[i]
+                begin = len(tokens)
+                tokens += own + comp
+                seg += [k + 1] * (len(own) + len(comp))
+                pos += range(L, L + len(own) + len(comp))
+                pred += range(begin + len(own) - 1, begin + len(own) - 1 + len(comp))
+                targets += comp
+                rows_out += [i] * len(comp)
+                cols_out += range(len(comp))
+            if not targets:
+                continue
+            S = len(tokens)
+            seg_t = torch.tensor(seg, device=dev)
+            allowed = torch.ones(S, S, dtype=torch.bool, device=dev).tril() & (
+                (seg_t[:, None] == seg_t[None, :]) | (seg_t[None, :] == 0))
+            if backbone.config._attn_implementation == "eager":
+                dtype = head.weight.dtype
+                allowed = torch.zeros(S, S, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+            with self.accelerator.autocast():
+                hidden = backbone(input_ids=torch.tensor([tokens], device=dev), attention_mask=allowed[None, None],
+                                  position_ids=torch.tensor([pos], device=dev), use_cache=False).last_hidden_state[0]
+                hidden = hidden[torch.tensor(pred, device=dev)].to(head.weight.device)
+                out = ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, torch.tensor(targets, device=hidden.device),
+                                                   self.temperature, 32768, None, 1.0, outputs)
+            lp_out.append(out[0])
+            if compute_entropy:
+                ent_out.append(out[1])
+        index = (torch.tensor(rows_out, device=dev), torch.tensor(cols_out, device=dev))
+        flat = torch.cat(lp_out)
+        logps = flat.new_zeros(R, C).index_put(index, flat)
+        if compute_entropy:
+            flat = torch.cat(ent_out)
+            entropies = flat.new_zeros(R, C).index_put(index, flat)
+        return logps, entropies, None
+
+    def _chunked_logps(self, model, input_ids, attention_mask, logits_to_keep, size, compute_entropy, compute_aux_loss):
+        """TRL's forward on chunks of ≤ ``size`` rows grouped by length, all-padding columns dropped per chunk."""
+        P, C = input_ids.shape[1] - logits_to_keep, logits_to_keep
+        p_len, c_len = attention_mask[:, :P].sum(1), attention_mask[:, P:].sum(1)
+        order = sorted(range(input_ids.shape[0]), key=lambda i: (int(p_len[i]), int(c_len[i])))
+        logps, entropies, aux = [], [], []
+        for start in range(0, len(order), size):
+            rows = torch.tensor(order[start : start + size], device=input_ids.device)
+            p_keep, c_keep = int(p_len[rows].max().clamp(min=1)), int(c_len[rows].max().clamp(min=1))
+            cols = slice(P - p_keep, P + c_keep)
+            lp, ent, a = super()._get_per_token_logps_and_entropies(
+                model, input_ids[rows][:, cols], attention_mask[rows][:, cols], c_keep, batch_size=None,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss)
+            logps.append(F.pad(lp, (0, C - c_keep)))
+            if compute_entropy:
+                entropies.append(F.pad(ent, (0, C - c_keep)))
+            if compute_aux_loss:
+                aux.append(a)
+        inverse = torch.empty(len(order), dtype=torch.long, device=input_ids.device)
+        inverse[torch.tensor(order, device=input_ids.device)] = torch.arange(len(order), device=input_ids.device)
+        return (torch.cat(logps)[inverse], torch.cat(entropies)[inverse] if compute_entropy else None,
+                torch.stack(aux).mean() if compute_aux_loss else None)
+
+
+class PhaseClock:
+    """Mixin for a ``GRPOTrainer``: seconds spent per phase of training in ``phase_seconds``.
+
+    "y1" is TRL's generation and scoring of the first attempts (the whole rollout for plain GRPO); ERL adds
+    its own phases; "loss" is the rest of each training step — the loss forward and backward."""
+
+    def _clock_init(self):
+        self.phase_seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def _clock(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[name] += time.perf_counter() - start
+
+    def _generate_and_score_completions(self, inputs):
+        with self._clock("y1"):
+            return super()._generate_and_score_completions(inputs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        start, before = time.perf_counter(), sum(v for k, v in self.phase_seconds.items() if k != "loss")
+        out = super().training_step(model, inputs, num_items_in_batch)
+        after = sum(v for k, v in self.phase_seconds.items() if k != "loss")
+        self.phase_seconds["loss"] += time.perf_counter() - start - (after - before)
+        return out
+
+
+class TimedGRPOTrainer(PhaseClock, PackedForward, GRPOTrainer):
+    """TRL's ``GRPOTrainer`` that records ``phase_seconds`` (the baseline of notebook 05 and the benchmark).
+
+    ``packed_forward=False`` (default): TRL's own forward, i.e. exactly ``GRPOTrainer``. True: the packed forward
+    ERL uses (``PackedForward``; the same loss, fewer tokens through the model), so that an equal-wall-clock
+    comparison measures the algorithms, not the two forward implementations."""
+
+    def __init__(self, *args, packed_forward: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._clock_init()
+        self.packed_forward = packed_forward
+
+
+class ERLTrainer(PhaseClock, PackedForward, GRPOTrainer):
     """``GRPOTrainer`` plus reflection, retry, memory and internalization. ``feedback_func`` may be None.
 
     ``model``: a model id, a local path or a model object; None = the embedded SmolLM2 folder.
+    ``feedback_func(prompts, completions, completion_ids, truncated, **dataset_columns) -> list[str]``:
+    the same keyword arguments as a TRL reward function, plus ``truncated`` (the completion hit the token cap).
     ``encoder``: an ``rlnlp.models.TextEncoder`` for ``memory_retrieval="similarity"`` (loaded on first use).
-    After training: ``memory`` (the stored reflections) and ``examples`` (one dict per gated sample:
-    step, prompt, y1, r1, feedback, reflection, y2, r2, stored).
+    ``packed_forward``: every forward pass packs rows that share a prompt prefix (``PackedForward``); False: TRL's
+    forward on chunks of ``per_device_train_batch_size`` rows with all-padding columns dropped per chunk.
+    After training: ``memory`` (the stored reflections), ``examples`` (one dict per gated sample: step,
+    prompt, y1, r1, feedback, reflection, y2, r2, stored, internalized) and ``phase_seconds``.
+
+    Chat or plain text follows the dataset, as in TRL: conversational prompts give conversational reflection
+    and retry prompts (system prompt and earlier turns kept, the last user turn replaced by the filled
+    template, rendered with the trainer's chat template and ``chat_template_kwargs``); plain-text prompts
+    give plain-text ones (a base model without a chat template works). Δ and y2 are sampled with TRL's
+    ``temperature`` / ``top_p`` / ``top_k`` (``generation_kwargs`` overriding them, as in TRL); options the
+    shared sampler cannot honour (``min_p``, ``repetition_penalty`` ≠ 1, other ``generation_kwargs``) are refused.
     """
 
     def __init__(self, model=None, reward_funcs=None, args: ERLConfig | None = None, train_dataset=None, *,
-                 feedback_func: Callable | None = None, encoder=None, **kwargs):
+                 feedback_func: Callable | None = None, encoder=None, packed_forward: bool = True, **kwargs):
         model = resolve_policy() if model is None else model
         if args is None:
             args = ERLConfig(output_dir="erl-output")
@@ -285,58 +592,97 @@ class ERLTrainer(GRPOTrainer):
             raise TypeError(f"ERLTrainer needs args=ERLConfig(...), got {type(args).__name__}")
         if reward_funcs is None:
             raise ValueError("ERLTrainer needs reward_funcs (r1 and r2 are both scored with them)")
+        for name in ("tools", "rollout_func", "environment_factory"):
+            if kwargs.get(name):
+                raise NotImplementedError(f"ERLTrainer supports single-turn prompts; {name}= is not supported")
+        self._sampler_options = self._check_generation_options(args)
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
         if self.accelerator.num_processes > 1:
             raise NotImplementedError("ERLTrainer runs in a single process (r2 and the memory are not gathered)")
+        self._clock_init()
+        self.packed_forward = packed_forward
         self.feedback_func = feedback_func
         self.memory = ReflectionMemory(args.memory_size, args.memory_retrieval, encoder)
         self.examples: list[dict] = []
         self._scored = None
 
+    @staticmethod
+    def _check_generation_options(args: ERLConfig) -> dict:
+        """TRL's generation options as the shared sampler's keywords, or a clear error."""
+        if args.min_p is not None:
+            raise NotImplementedError("ERLConfig.min_p: the shared sampler (rlnlp.sampling.sample) has no min-p filter, "
+                                      "so reflections and retries could not honour it; leave min_p=None")
+        if args.repetition_penalty != 1.0:
+            raise NotImplementedError("ERLConfig.repetition_penalty: the shared sampler has no repetition penalty, "
+                                      "so reflections and retries could not honour it; leave it at 1.0")
+        extra = dict(args.generation_kwargs or {})
+        unknown = set(extra) - SAMPLER_GENERATION_KWARGS
+        if unknown:
+            raise NotImplementedError(f"ERLConfig.generation_kwargs {sorted(unknown)}: the shared sampler supports only "
+                                      f"{sorted(SAMPLER_GENERATION_KWARGS)}")
+        options = {"temperature": extra.get("temperature", args.temperature), "top_p": extra.get("top_p", args.top_p),
+                   "top_k": extra.get("top_k", args.top_k) or 0}
+        if extra.get("do_sample") is False:
+            options["temperature"] = 0.0
+        return options
+
     # --- phase 1 plumbing: remember what TRL scored so r1 and the y1 texts need no recomputation
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._scored = (inputs, prompts, completions, rewards_per_func)
+        self._scored = (inputs, prompts, completions, completion_ids_list, rewards_per_func)
         return rewards_per_func
 
     def _weighted_reward(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
         return (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)  # (N,)
 
-    def _feedback(self, inputs, prompts, completions) -> list[str]:
+    def _feedback(self, inputs, prompts, completions, completion_ids: list[list[int]], truncated: list[bool]) -> list[str]:
         if self.feedback_func is None:
             return [""] * len(prompts)
         columns = {k: [x[k] for x in inputs] for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")}
-        out = self.feedback_func(prompts=prompts, completions=completions, **columns)
+        out = self.feedback_func(prompts=prompts, completions=completions, completion_ids=completion_ids,
+                                 truncated=truncated, trainer_state=self.state, **columns)
         if not isinstance(out, (list, tuple)) or len(out) != len(prompts) or not all(isinstance(f, str) for f in out):
             raise ValueError(f"feedback_func must return a list of {len(prompts)} strings, got {str(out)[:120]}")
         return list(out)
 
-    def _sample(self, prompts: list, max_new_tokens: int):
-        """One batched call of the shared sampler on the current policy weights."""
-        tokenizer = self._tokenizer
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
-            return sample(self.accelerator.unwrap_model(self.model), tokenizer, prompts, n=1,
-                          max_new_tokens=max_new_tokens, temperature=self.args.temperature, top_p=self.args.top_p,
-                          top_k=self.args.top_k or 0, batch_size=max(len(prompts), 1))
-        finally:
-            tokenizer.padding_side = side
+    # --- phases 3 and 4: prompts in the dataset's own format, one sampler call each
+    def _scaffold(self, prompt, content: str):
+        """The task prompt with its last user turn (or its whole text) replaced by ``content``."""
+        if isinstance(prompt, str):
+            return content
+        return [*prompt[:-1], {**prompt[-1], "content": content}]
+
+    def _render(self, prompts: list) -> list[str]:
+        """The exact text the model sees, as TRL would render it for y1."""
+        tok = self._tokenizer
+        if not is_conversational({"prompt": prompts[0]}):
+            bos = tok.bos_token or ""
+            adds_bos = bool(bos) and tok("x")["input_ids"][:1] == [tok.bos_token_id]  # TRL tokenizes plain text with special tokens
+            return [bos + p if adds_bos else p for p in prompts]
+        return [self.processing_class.apply_chat_template(p, chat_template=self.chat_template, add_generation_prompt=True,
+                                                          tokenize=False, **self.chat_template_kwargs) for p in prompts]
+
+    def _sample(self, prompts: list, max_new_tokens: int, temperature: float | None = None, stop=None):
+        """One batched call of the shared sampler on the current policy weights (rendered text in, chat=False)."""
+        options = dict(self._sampler_options)
+        if temperature is not None:
+            options["temperature"] = temperature
+        return sample(self.accelerator.unwrap_model(self.model), self._tokenizer, self._render(prompts), n=1, chat=False,
+                      max_new_tokens=max_new_tokens, batch_size=max(len(prompts), 1), stop=stop, **options)
 
     @torch.no_grad()
     def _extra_logps(self, key: str, input_ids, attention_mask, logits_to_keep):
         """old / reference per-token log-probs for Δ and y2 rows, computed the way TRL computes them for y1."""
+        size = self.args.per_device_train_batch_size
         if key == "old_per_token_logps":
-            return self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, logits_to_keep,
-                                                           batch_size=self.args.per_device_train_batch_size)[0]
+            return self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, logits_to_keep, size)[0]
         if self.ref_model is not None:
-            return self._get_per_token_logps_and_entropies(self.ref_model, input_ids, attention_mask, logits_to_keep,
-                                                           batch_size=self.args.per_device_train_batch_size)[0]
+            return self._get_per_token_logps_and_entropies(self.ref_model, input_ids, attention_mask, logits_to_keep, size)[0]
         from trl.trainer.utils import use_adapter
 
         model = self.accelerator.unwrap_model(self.model)
         with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
-            return self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, logits_to_keep,
-                                                           batch_size=self.args.per_device_train_batch_size)[0]
+            return self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, logits_to_keep, size)[0]
 
     def _rows(self, y1: dict, samples, advantages: torch.Tensor, part: str) -> dict:
         """Δ or y2 rows in the y1 batch's layout (same optional keys)."""
@@ -348,104 +694,102 @@ class ERLTrainer(GRPOTrainer):
         rows = {"prompt_ids": s.prompt_ids, "prompt_mask": s.prompt_mask, "completion_ids": s.completion_ids,
                 "completion_mask": mask, "advantages": advantages.to(dev)}
         ids, attn = torch.cat([s.prompt_ids, s.completion_ids], 1), torch.cat([s.prompt_mask, mask], 1)
-        for key in ("old_per_token_logps", "ref_per_token_logps"):
-            if key in y1:
-                rows[key] = self._extra_logps(key, ids, attn, s.completion_ids.shape[1])
-        if "sampling_per_token_logps" in y1:
-            rows["sampling_per_token_logps"] = s.logprobs
+        with self._clock("old_ref_logps"):
+            for key in ("old_per_token_logps", "ref_per_token_logps"):
+                if key in y1:
+                    rows[key] = self._extra_logps(key, ids, attn, s.completion_ids.shape[1])
         rows["erl_part"] = torch.full((len(s),), PARTS[part], dtype=torch.long, device=dev)
         return rows
 
     def _erl_batch(self, inputs: list[dict]) -> dict:
-        """Phases 1–5 and 7's data: returns one row-aligned batch of y1, Δ, y2 and internalization rows."""
+        """Phases 1–5 and 7's data: one row-aligned batch of y1, Δ, y2 and internalization rows."""
         args, mode = self.args, "train"
         y1 = super()._generate_and_score_completions(inputs)  # phase 1 through TRL: y1, r1, group advantages
         unknown = set(y1) - set(ROW_KEYS) - {"num_items_in_batch"}
         if unknown:
-            raise NotImplementedError(f"ERLTrainer supports text prompts without tools or vLLM IS correction; "
+            raise NotImplementedError(f"ERLTrainer supports text prompts without tools or vLLM importance sampling; "
                                       f"the y1 batch carried {sorted(unknown)}")
-        scored_inputs, prompts, completions, rewards_per_func = self._scored
+        scored_inputs, prompts, completions, y1_ids, rewards_per_func = self._scored
         r1 = self._weighted_reward(rewards_per_func).to(y1["advantages"].device)  # (B,)
-        feedback = self._feedback(scored_inputs, prompts, completions)
+        eos_and_pad = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        with self._clock("scoring"):
+            feedback = self._feedback(scored_inputs, prompts, completions, y1_ids,
+                                      [bool(ids) and ids[-1] not in eos_and_pad for ids in y1_ids])
 
         # phase 2: the gate
         gated = (r1 < args.reward_threshold).nonzero().flatten().tolist()
         G = len(gated)
         r2 = torch.zeros(0, device=r1.device)
-        stored = []
+        stored, internalize = [], []
         if G:
+            texts = [_last_user_text(prompts[i]) for i in gated]
             # phase 3: all reflections in one sampler call
-            texts = [_prompt_text(prompts[i]) for i in gated]
-            memory = [self.memory.format(self.memory.retrieve(t, args.memory_top_k) if args.enable_memory else [])
-                      for t in texts]
-            reflect_prompts = [args.reflection_system_prompt.format(
-                prompt=t, attempt=_completion_text(completions[i]).strip(), feedback=feedback[i] or "(none)",
-                reward=f"{r1[i].item():.2f}", memory=m) for t, i, m in zip(texts, gated, memory)]
-            reflections = self._sample(reflect_prompts, args.reflection_max_new_tokens)
+            with self._clock("reflection"):
+                memory = [self.memory.format(self.memory.retrieve(t, args.memory_top_k) if args.enable_memory else [])
+                          for t in texts]
+                reflect_prompts = [self._scaffold(prompts[i], args.reflection_system_prompt.format(
+                    prompt=t, attempt=_completion_text(completions[i]).strip(), feedback=feedback[i] or "(none)",
+                    reward=f"{r1[i].item():.2f}", memory=m)) for t, i, m in zip(texts, gated, memory)]
+                reflections = self._sample(reflect_prompts, args.reflection_max_new_tokens, args.reflection_temperature,
+                                           stop=_ends_line if args.reflection_stop_at_newline else None)
             # phase 4: all retries in one sampler call, from the task and Δ only
-            retry_prompts = [args.retry_system_prompt.format(prompt=t, reflection=d.strip())
-                             for t, d in zip(texts, reflections.texts)]
-            retries = self._sample(retry_prompts, args.max_completion_length)
-            conversational = is_conversational({"prompt": prompts[0]})
-            y2 = [[{"role": "assistant", "content": c}] if conversational else c for c in retries.texts]
-            gated_inputs = [scored_inputs[i] for i in gated]
-            r2 = self._weighted_reward(self._calculate_rewards(
-                gated_inputs, [prompts[i] for i in gated], y2, retries.completion_ids.tolist())).to(r1.device)  # (G,)
-            feedback2 = self._feedback(gated_inputs, [prompts[i] for i in gated], y2)
-            # phase 5: memory
+            with self._clock("retry"):
+                retry_prompts = [self._scaffold(prompts[i], args.retry_system_prompt.format(prompt=t, reflection=d.strip()))
+                                 for i, t, d in zip(gated, texts, reflections.texts)]
+                retries = self._sample(retry_prompts, args.max_completion_length)
+            with self._clock("scoring"):
+                conversational = is_conversational({"prompt": prompts[0]})
+                y2 = [[{"role": "assistant", "content": c}] if conversational else c for c in retries.texts]
+                y2_ids = [ids[:n].tolist() for ids, n in zip(retries.completion_ids, retries.lengths.tolist())]  # unpadded
+                gated_inputs, gated_prompts = [scored_inputs[i] for i in gated], [prompts[i] for i in gated]
+                r2 = self._weighted_reward(self._calculate_rewards(gated_inputs, gated_prompts, y2, y2_ids)).to(r1.device)
+                feedback2 = self._feedback(gated_inputs, gated_prompts, y2, y2_ids, [not s for s in retries.stopped])
+            # phase 5: memory; phase 7's choice of retries
             for j, i in enumerate(gated):
-                ok = args.enable_memory and should_store(r1[i].item(), r2[j].item(), args.memory_add_threshold)
+                a, b = r1[i].item(), r2[j].item()
+                ok = args.enable_memory and should_store(a, b, args.memory_add_threshold)
                 stored.append(ok)
                 if ok:
-                    self.memory.add(reflections.texts[j].strip(), texts[j], r1[i].item(), r2[j].item(),
-                                    self.state.global_step)
+                    self.memory.add(reflections.texts[j].strip(), texts[j], a, b, self.state.global_step)
+                internalize.append(args.enable_internalization and args.internalization_coef > 0
+                                   and should_internalize(a, b, args.internalization_rule, args.reward_threshold))
                 self.examples.append({"step": self.state.global_step, "prompt": texts[j],
-                                      "y1": _completion_text(completions[i]), "r1": r1[i].item(),
-                                      "feedback": feedback[i], "reflection": reflections.texts[j],
-                                      "y2": retries.texts[j], "r2": r2[j].item(), "feedback2": feedback2[j],
-                                      "stored": ok})
+                                      "y1": _completion_text(completions[i]), "r1": a, "feedback": feedback[i],
+                                      "reflection": reflections.texts[j], "y2": retries.texts[j], "r2": b,
+                                      "feedback2": feedback2[j], "stored": ok, "internalized": internalize[-1]})
 
-        # phase 6's advantages
-        a1, a_reflect, a_retry = erl_advantages(r1, r2, args.algorithm, y1["advantages"],
-                                                scale=args.scale_rewards != "none")
-        parts = [{**{k: y1[k] for k in ROW_KEYS if k in y1}, "advantages": a1,
-                  "erl_part": torch.full((len(r1),), PARTS["y1"], dtype=torch.long, device=r1.device)}]
-        if G:
-            parts.append(self._rows(y1, reflections, a_reflect, "reflection"))
-            parts.append(self._rows(y1, retries, a_retry, "retry"))
-            # phase 7's data: (original prompt → y2) for retries that scored
-            good = [j for j in range(G) if r2[j] > 0]
-            if args.enable_internalization and args.internalization_coef > 0 and good:
-                keep = torch.tensor(good, device=r1.device)
-                src = torch.tensor([gated[j] for j in good], device=r1.device)
-                rows = {k: v[keep] for k, v in parts[-1].items()}  # the retry rows that scored ...
-                rows["prompt_ids"], rows["prompt_mask"] = y1["prompt_ids"][src], y1["prompt_mask"][src]  # ... under x
-                rows["advantages"] = torch.zeros_like(rows["advantages"])
-                rows["erl_part"] = torch.full_like(rows["erl_part"], PARTS["internalization"])
-                parts.append(rows)
-
-        batch = {}
-        pad = self._tokenizer.pad_token_id
-        for key in parts[0]:
-            if key == "prompt_ids":
-                batch[key] = pad_cat([p[key] for p in parts], pad, left=True)
-            elif key == "prompt_mask":
-                batch[key] = pad_cat([p[key] for p in parts], 0, left=True)
-            elif key == "completion_ids":
-                batch[key] = pad_cat([p[key] for p in parts], pad, left=False)
-            elif parts[0][key].ndim == 2:
-                batch[key] = pad_cat([p[key] for p in parts], 0, left=False)
-            else:
-                batch[key] = torch.cat([p[key] for p in parts])
-        # token counts each update normalises by (TRL's num_items_in_batch, for the dapo-style losses)
-        tokens = batch["completion_mask"].sum(1)
-        part = batch["erl_part"]
-        if args.algorithm == "joint":
-            batch["erl_items_0"] = tokens[part <= 2].sum()
-            batch["erl_items_1"] = batch["erl_items_0"]
-        else:
-            batch["erl_items_0"] = tokens[part == 0].sum()
-            batch["erl_items_1"] = tokens[(part == 1) | (part == 2)].sum()
+        with self._clock("assemble"):
+            # phase 6's advantages
+            a1, a_reflect, a_retry = erl_advantages(r1, r2, args.algorithm, y1["advantages"],
+                                                    scale=args.scale_rewards != "none")
+            parts = [{**{k: y1[k] for k in ROW_KEYS if k in y1}, "advantages": a1,
+                      "erl_part": torch.full((len(r1),), PARTS["y1"], dtype=torch.long, device=r1.device)}]
+            if G:
+                parts.append(self._rows(y1, reflections, a_reflect, "reflection"))
+                parts.append(self._rows(y1, retries, a_retry, "retry"))
+                keep = torch.tensor([j for j in range(G) if internalize[j]], dtype=torch.long, device=r1.device)
+                if keep.numel():  # phase 7's data: (original prompt → y2)
+                    src = torch.tensor(gated, device=r1.device)[keep]
+                    rows = {k: v[keep] for k, v in parts[-1].items()}  # the chosen retry rows ...
+                    rows["prompt_ids"], rows["prompt_mask"] = y1["prompt_ids"][src], y1["prompt_mask"][src]  # ... under x
+                    rows["advantages"] = torch.zeros_like(rows["advantages"])
+                    rows["erl_part"] = torch.full_like(rows["erl_part"], PARTS["internalization"])
+                    parts.append(rows)
+            batch = {}
+            pad_id = self._tokenizer.pad_token_id
+            for key in parts[0]:
+                if parts[0][key].ndim == 1:
+                    batch[key] = torch.cat([p[key] for p in parts])
+                    continue
+                value = pad_id if key in ("prompt_ids", "completion_ids") else 0
+                side = "left" if key.startswith("prompt") else "right"
+                batch[key] = pad([row for p in parts for row in p[key]], value, side)  # (R, max width)
+            # the token counts each TRL call normalises by (num_items_in_batch: the dapo / cispo / vespo losses)
+            tokens, part = batch["completion_mask"].sum(1), batch["erl_part"]
+            batch["num_items_in_batch"] = tokens[part <= 2].sum()
+            batch["erl_items_y1"] = tokens[part == 0].sum()
+            batch["erl_items_rest"] = tokens[(part == 1) | (part == 2)].sum()
+            batch["erl_items_int"] = tokens[part == 3].sum()
 
         m = self._metrics[mode]
         m["charts/r1"].append(r1.mean().item())
@@ -455,54 +799,56 @@ class ERLTrainer(GRPOTrainer):
         m["stats/memory_size"].append(float(len(self.memory)))
         m["stats/memory_added"].append(float(sum(stored)))
         m["stats/retry_improved"].append(float((r2 > r1[gated]).float().mean()) if G else float("nan"))
-        m["stats/internalized"].append(float((part == PARTS["internalization"]).sum()))
+        prompt_tokens = batch["prompt_mask"].sum(1)
+        for name, code in PARTS.items():  # what is trained: rows with ≥ 1 loss token, their loss tokens and prompts
+            trained = (part == code) & (tokens > 0)
+            m[f"stats/rows_{name}"].append(float(trained.sum()))
+            m[f"stats/tokens_{name}"].append(float(tokens[trained].sum()))
+            m[f"stats/prompt_tokens_{name}"].append(float(prompt_tokens[trained].sum()))
         return batch
 
     def _prepare_inputs(self, generation_batch):
         if not self.model.training:  # evaluation is plain GRPO on the policy alone, no reflection
             return super()._prepare_inputs(generation_batch)
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        if self._step % generate_every == 0 or self._buffered_inputs is None:
-            batch = shuffle_sequence_dict(self._erl_batch(generation_batch))
-            self._buffered_inputs = _split_rows(batch, self.args.steps_per_generation)
-        return self._buffered_inputs[self._step % self.args.steps_per_generation]
-
-    def _part_weight(self, part: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, group: torch.Tensor) -> float:
-        """Weight of one part's loss so the parts of an update sum to one pass over the update's rows."""
-        if self.loss_type in ("dapo", "cispo", "vespo"):
-            return 1.0  # already normalised by the update's token count (erl_items_*)
-        if self.loss_type == "bnpo":
-            return (tokens[rows].sum() / tokens[group].sum().clamp(min=1)).item()
-        return rows.sum().item() / max(group.sum().item(), 1)  # grpo, sapo, dr_grpo, luspo: a mean over rows
+        spg = self.args.steps_per_generation
+        if self._step % (spg * self.num_iterations) == 0 or self._buffered_inputs is None:
+            batch = self._erl_batch(generation_batch)
+            with self._clock("assemble"):
+                self._buffered_inputs = [select_rows(batch, rows) for rows in deal_rows(batch["erl_part"], spg)]
+        return self._buffered_inputs[self._step % spg]
 
     def _compute_loss(self, model, inputs):
         if "erl_part" not in inputs:
             return super()._compute_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
         part, tokens = inputs["erl_part"], inputs["completion_mask"].sum(1)
-        groups = ({0: part <= 2, 1: part <= 2, 2: part <= 2} if self.args.algorithm == "joint"
-                  else {0: part == 0, 1: (part == 1) | (part == 2), 2: (part == 1) | (part == 2)})
-        total = 0.0
-        # phase 6: the GRPO loss, one TRL call per part
-        for name in ("y1", "reflection", "retry"):
-            code = PARTS[name]
-            rows = part == code
+        if self.args.algorithm == "joint":
+            calls = [("grpo", part <= 2, inputs["num_items_in_batch"])]
+        else:
+            calls = [("grpo_y1", part == 0, inputs["erl_items_y1"]),
+                     ("grpo_reflection_retry", (part == 1) | (part == 2), inputs["erl_items_rest"])]
+        total = None
+        # phase 6: the GRPO loss, one TRL call per term
+        for name, rows, items in calls:
             if not rows.any():
                 continue
-            sub = {k: (v[rows] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in inputs.items()
-                   if not k.startswith("erl_")}
-            sub["num_items_in_batch"] = inputs["erl_items_0" if code == 0 else "erl_items_1"]
-            loss = super()._compute_loss(model, sub) * self._part_weight(part, tokens, rows, groups[code])
-            self._metrics[mode][f"losses/grpo_{name}"].append(loss.item())
-            total = total + loss
-        # phase 7: internalization
+            sub = {k: v for k, v in select_rows(inputs, rows).items() if not k.startswith("erl_")}
+            sub["num_items_in_batch"] = items
+            loss = super()._compute_loss(model, sub)
+            self._metrics[mode][f"losses/{name}"].append(loss.item())
+            total = loss if total is None else total + loss
+        # phase 7: internalization, normalised by the generation batch's internalized tokens (TRL's dapo convention
+        # for micro-batches: × accumulation steps / steps_per_generation in training)
         rows = (part == PARTS["internalization"]) & (tokens > 0)  # mask_truncated_completions may empty a row
         if rows.any():
-            loss, _ = internalization_loss(model, inputs["prompt_ids"][rows], inputs["prompt_mask"][rows],
-                                           inputs["completion_ids"][rows], inputs["completion_mask"][rows])
-            self._metrics[mode]["losses/internalization"].append(loss.item())
-            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-            total = total + self.args.internalization_coef * loss / normalizer
+            normalizer = inputs["erl_items_int"].clamp(min=1).float()
+            if mode == "train":
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            loss, stats = internalization_loss(model, inputs["prompt_ids"][rows], inputs["prompt_mask"][rows],
+                                               inputs["completion_ids"][rows], inputs["completion_mask"][rows], normalizer)
+            self._metrics[mode]["losses/internalization"].append(stats["losses/internalization"])
+            loss = self.args.internalization_coef * loss
+            total = loss if total is None else total + loss
         return total
 
 
@@ -511,25 +857,25 @@ class ERLTrainer(GRPOTrainer):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 24, batch_size: int = 64) -> dict:
-    """Greedy answers to held-out prompts, the policy ALONE (no reflection, no memory).
+def evaluate(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 24, batch_size: int = 64,
+             temperature: float = 0.0, samples: int = 1, seed: int | None = 0) -> dict:
+    """Answers to held-out prompts from the policy ALONE (no reflection, no memory); greedy by default.
 
-    rows: dicts with task, prompt (text), spec (data/erl/eval.jsonl). Returns accuracy (reward = 1),
-    mean_reward and n (the number of prompts).
+    rows: dicts with task, prompt (text), spec (data/erl/eval.jsonl). ``samples`` > 1 (with temperature > 0)
+    scores several answers per prompt. Returns accuracy (share of answers with reward 1), mean_reward, n
+    (prompts), and per prompt ``success`` / ``rewards`` (means over its samples) for paired intervals.
     """
     from .envs.feedback_tasks import score
 
     if not rows:
         raise ValueError("evaluate() got no eval rows")
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        s = sample(model, tokenizer, [r["prompt"] for r in rows], n=1, max_new_tokens=max_new_tokens, temperature=0,
-                   batch_size=batch_size)
-    finally:
-        tokenizer.padding_side = side
-    rewards = [score(r["task"], text, r["spec"])[0] for r, text in zip(rows, s.texts)]
-    return {"accuracy": sum(r == 1.0 for r in rewards) / len(rewards), "mean_reward": sum(rewards) / len(rewards),
-            "n": len(rewards), "answers": s.texts}
+    s = sample(model, tokenizer, [r["prompt"] for r in rows], n=samples, max_new_tokens=max_new_tokens,
+               temperature=temperature, batch_size=batch_size, seed=seed)
+    scored = [score(rows[i // samples]["task"], text, rows[i // samples]["spec"])[0] for i, text in enumerate(s.texts)]
+    rewards = [sum(scored[i * samples : (i + 1) * samples]) / samples for i in range(len(rows))]
+    success = [sum(r == 1.0 for r in scored[i * samples : (i + 1) * samples]) / samples for i in range(len(rows))]
+    return {"accuracy": sum(success) / len(rows), "mean_reward": sum(rewards) / len(rows), "n": len(rows),
+            "success": success, "rewards": rewards, "answers": s.texts}
 
 
 class _Budget(TrainerCallback):
@@ -568,20 +914,42 @@ class RunResult:
     evals: list[dict] = field(default_factory=list)
 
 
+METHODS = ("erl", "grpo", "grpo-trl")
+
+
+def make_trainer(cfg: ERLConfig, method: str, model, tokenizer, callbacks=()) -> GRPOTrainer:
+    """A fresh trainer on ``cfg.tasks`` with the feedback tasks' reward (and feedback), LoRA when ``cfg.lora_r`` is set.
+
+    method: "erl" (``ERLTrainer``), "grpo" (``TimedGRPOTrainer`` with ERL's packed forward: the notebook's baseline,
+    so that equal wall-clock compares the algorithms) or "grpo-trl" (TRL's own forward, exactly ``GRPOTrainer``)."""
+    from .envs import feedback_tasks as ft
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    peft_config = None
+    if cfg.lora_r:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    common = dict(model=model, reward_funcs=ft.reward_func, args=cfg, train_dataset=ft.load_split("train", cfg.tasks),
+                  processing_class=tokenizer, callbacks=list(callbacks), peft_config=peft_config)
+    if method == "erl":
+        return ERLTrainer(feedback_func=ft.feedback_func, **common)
+    return TimedGRPOTrainer(packed_forward=method == "grpo", **common)
+
+
 def train_run(cfg: ERLConfig, method: str = "erl", *, eval_rows: Sequence[dict] = (), eval_steps: Sequence[int] = (),
               max_steps: int | None = None, seconds: float | None = None, eval_max_new_tokens: int | None = None,
               **overrides) -> RunResult:
     """Train a fresh copy of the embedded policy with ERL (``method="erl"``) or plain GRPO (``"grpo"``) on
-    ``cfg.tasks``; same data, rewards, seed and budget. Evaluates (no reflection) at ``eval_steps`` and at
-    the end; stops at ``max_steps`` or after ``seconds`` of training time, whichever comes first."""
+    ``cfg.tasks``; same data, rewards, seed and budget. Evaluates (no reflection, greedy) at ``eval_steps``
+    and at the end; stops at ``max_steps`` or after ``seconds`` of training time, whichever comes first."""
     import pandas as pd
 
-    from .envs import feedback_tasks as ft
     from .models import load_policy
     from .runtime import seed_everything
 
-    if method not in ("erl", "grpo"):
-        raise ValueError(f"method must be 'erl' or 'grpo', got {method!r}")
     cfg = copy.deepcopy(cfg)
     cfg.output_dir = str(Path(cfg.output_dir) / method)
     cfg.max_steps = max_steps or cfg.max_steps
@@ -589,14 +957,11 @@ def train_run(cfg: ERLConfig, method: str = "erl", *, eval_rows: Sequence[dict] 
         setattr(cfg, key, value)
     seed_everything(cfg.seed)
     model, tokenizer = load_policy(dtype=torch.float32)  # fp32 master weights; bf16 autocast on a GPU via cfg
-    train = ft.load_split("train", cfg.tasks)
     max_new = eval_max_new_tokens or cfg.max_completion_length
     eval_fn = lambda m: {k: v for k, v in evaluate(m, tokenizer, eval_rows, max_new).items() if k != "answers"}
     ref: list = []
     budget = _Budget(ref, eval_fn, eval_steps, seconds)
-    common = dict(model=model, reward_funcs=ft.reward_func, args=cfg, train_dataset=train, processing_class=tokenizer,
-                  callbacks=[budget])
-    trainer = ERLTrainer(feedback_func=ft.feedback_func, **common) if method == "erl" else GRPOTrainer(**common)
+    trainer = make_trainer(cfg, method, model, tokenizer, callbacks=[budget])
     ref.append(trainer)
     trainer.train()
     seconds_trained = budget.train_seconds()
@@ -607,3 +972,91 @@ def train_run(cfg: ERLConfig, method: str = "erl", *, eval_rows: Sequence[dict] 
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     history.to_csv(Path(cfg.output_dir) / "metrics.csv", index=False)
     return RunResult(method, trainer, history, seconds_trained, evals)
+
+
+# ----------------------------------------------------------------------------------------------
+# the benchmark: one ERL step vs one GRPO step at the same config, in one process
+
+
+class _StepClock(TrainerCallback):
+    """Wall seconds of each optimizer step and the trainer's phase seconds spent in it."""
+
+    def __init__(self, trainer_ref: list):
+        self.trainer_ref, self.steps, self._start, self._phases = trainer_ref, [], None, {}
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._start, self._phases = time.perf_counter(), dict(self.trainer_ref[0].phase_seconds)
+
+    def on_step_end(self, args, state, control, **kw):
+        now = dict(self.trainer_ref[0].phase_seconds)
+        phases = {k: v - self._phases.get(k, 0.0) for k, v in now.items()}
+        self.steps.append({"seconds": time.perf_counter() - self._start, **phases})
+
+
+BENCH_PHASES = ("y1", "scoring", "reflection", "retry", "old_ref_logps", "assemble", "loss")
+
+
+def bench_step(cfg: ERLConfig, method: str, steps: int = 1) -> list[dict]:
+    """Per-step seconds and phase seconds of ``steps`` training steps of a fresh trainer (same seed each time)."""
+    from .models import load_policy
+    from .runtime import seed_everything
+
+    cfg = copy.deepcopy(cfg)
+    cfg.max_steps, cfg.output_dir, cfg.logging_steps = steps, str(Path(cfg.output_dir) / f"bench-{method}"), 1
+    seed_everything(cfg.seed)
+    model, tokenizer = load_policy(dtype=torch.float32)
+    ref: list = []
+    clock = _StepClock(ref)
+    trainer = make_trainer(cfg, method, model, tokenizer, callbacks=[clock])
+    ref.append(trainer)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "train_runtime" not in h]
+    for step, log in zip(clock.steps, logs):
+        step["rows"] = {k[len("stats/rows_"):]: log.get(k, 0.0) for k in log if k.startswith("stats/rows_")}
+        step["tokens"] = {k[len("stats/"):]: log.get(k, 0.0) for k in log if "tokens_" in k}
+    return clock.steps
+
+
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rlnlp.bench erl``: time ERL and plain GRPO steps at the same config in one process and print
+    the ratios and the per-phase breakdown. All start from the same weights and seed, so their first attempts (y1)
+    are identical. "grpo-trl" is TRL's GRPOTrainer as it ships; "grpo" the same with ERL's packed forward (the
+    notebook's baseline). A warm-up step of each runs first unless ``--no-warmup``."""
+    parser = argparse.ArgumentParser(prog="python -m rlnlp.bench erl", description=bench_main.__doc__)
+    parser.add_argument("--profile", default="smoke", choices=("smoke", "cpu", "full"), help="ERLConfig preset")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per method (after the warm-up)")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up step of each method")
+    parser.add_argument("--algorithm", choices=("joint", "split"), default=None)
+    parser.add_argument("--lora-r", type=int, default=None, help="override the preset's LoRA rank (0 = full fine-tuning)")
+    parser.add_argument("--methods", default="grpo-trl,grpo,erl", help="comma-separated subset of " + ",".join(METHODS))
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    methods = [m for m in args.methods.split(",") if m]
+    if not methods or set(methods) - set(METHODS):
+        parser.error(f"--methods: choose from {METHODS}")
+    overrides = {}
+    if args.algorithm:
+        overrides["algorithm"] = args.algorithm
+    if args.lora_r is not None:
+        overrides["lora_r"] = args.lora_r or None
+    cfg = getattr(ERLConfig, args.profile)(**overrides)
+    print(f"ERL vs GRPO, {args.profile} preset: {cfg.per_device_train_batch_size // cfg.num_generations} prompt(s) × "
+          f"{cfg.num_generations} completions × {cfg.max_completion_length} tokens, tasks {cfg.tasks}, "
+          f"lora_r {cfg.lora_r}, algorithm {cfg.algorithm}, loss {cfg.loss_type}; torch threads {torch.get_num_threads()}; "
+          f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    warm = 0 if args.no_warmup else 1
+    results = {}
+    for method in methods:
+        steps = bench_step(cfg, method, warm + args.steps)[warm:]
+        results[method] = {k: sum(s.get(k, 0.0) for s in steps) / len(steps) for k in ("seconds", *BENCH_PHASES)}
+        for i, s in enumerate(steps):
+            if s.get("rows"):
+                print(f"{method} timed step {i + 1}: trained rows {s['rows']}; tokens {s['tokens']}", flush=True)
+    header = f"{'phase (s per step)':<22}" + "".join(f"{m:>10}" for m in results)
+    print(header)
+    for key in ("seconds", *BENCH_PHASES):
+        print(f"{'step total' if key == 'seconds' else key:<22}" + "".join(f"{results[m][key]:>10.2f}" for m in results))
+    if "erl" in results:
+        for base in (m for m in results if m != "erl"):
+            ratio = results["erl"]["seconds"] / results[base]["seconds"]
+            print(f"ERL step / {base} step = {ratio:.2f} (mean of {args.steps} timed step(s) each, one process)")
+    return 0

@@ -1,7 +1,8 @@
 """Single-turn tasks with a reward in [0, 1] AND a feedback sentence saying what was wrong (spec 05).
 
 ERL needs both signals: the reward drives the policy gradient, the feedback is what the model
-reflects on. Five task families, each small enough that the 135M policy is sometimes right:
+reflects on. Five task families; the untrained 135M policy's base rates are in data/erl/README.md
+(json_key, arithmetic and letters are in the learnable zone; frozen_lake is too hard for it):
 
 * ``word_count``  — "Write one sentence about cats with exactly 5 words."
                     reward 1 − |k − n| / n (clipped at 0); "Your sentence had 7 words; it needs exactly 5."
@@ -13,15 +14,17 @@ reflects on. Five task families, each small enough that the 135M policy is somet
                     1 at the goal, 0 in a hole ("You fell into a hole at step 3 ..."), else
                     0.5 × the fraction of the distance to the goal covered.
 
+A reply cut off at the token cap (``truncated=True``) keeps its reward, and its feedback says so first.
+
 Three faces of the same tasks:
 
 1. the shared environment protocol: ``FeedbackTaskEnv(...).reset(seed) -> prompt``,
    ``.step(answer) -> (feedback, reward, True, info)`` (single-turn);
 2. TRL-style functions ``reward_func(prompts, completions, task, spec, **kw) -> list[float]`` and
-   ``feedback_func(...) -> list[str]`` (completions may be strings or chat message lists);
+   ``feedback_func(..., truncated=None) -> list[str]`` (completions may be strings or chat message lists);
 3. Hugging Face datasets with ``train`` / ``eval`` splits: ``load_split(...)`` / ``load_splits(...)``
-   read data/erl/{train,eval}.jsonl, which ``python -m rlnlp.envs.feedback_tasks`` regenerates
-   (seeded, reproducible).
+   read data/erl/{train,eval}.jsonl (150 held-out prompts per task), which
+   ``python -m rlnlp.envs.feedback_tasks`` regenerates (seeded, reproducible).
 """
 from __future__ import annotations
 
@@ -41,19 +44,60 @@ NUMBER = re.compile(r"-?\d+")
 # reward and the feedback need, so a dataset row is self-contained.
 
 TOPICS = ["cats", "rain", "the sea", "coffee", "winter", "a dog", "music", "the moon", "bread", "trees",
-          "a river", "books", "snow", "the sun", "a train", "flowers", "the city", "birds", "tea", "school"]
+          "a river", "books", "snow", "the sun", "a train", "flowers", "the city", "birds", "tea", "school",
+          "summer", "a garden", "the wind", "a bicycle", "horses", "the night", "apples", "a forest", "clouds",
+          "a kitchen", "friends", "the beach", "a storm", "mountains", "a candle", "the market", "fish", "a clock",
+          "the road", "a letter", "soup", "a bridge", "autumn", "a window", "the stars", "a farm", "a boat",
+          "spring", "a library", "cheese", "a song", "the desert", "a lamp", "the park", "a map", "honey",
+          "the rainforest", "a castle", "a rabbit", "the harbor"]
 WORDS = ["apple", "house", "river", "green", "tiger", "cloud", "bread", "chair", "light", "stone", "water",
          "music", "plant", "table", "horse", "smile", "dream", "ocean", "paper", "sugar", "lemon", "candle",
          "garden", "window", "rabbit", "yellow", "pencil", "orange", "forest", "silver", "cat", "dog", "sun",
-         "book", "tree", "moon", "fish", "bird", "milk", "rain"]
-JSON_KEYS = ["color", "name", "city", "animal", "fruit", "day"]
-JSON_VALUES = {"color": ["blue", "red", "green", "black", "white", "pink", "gray", "brown", "purple", "gold"],
-               "name": ["Anna", "Tom", "Maria", "Ben", "Lena", "Omar", "Sara", "Paul", "Mia", "Ivan"],
-               "city": ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Berlin", "Quito", "Dublin", "Seoul"],
-               "animal": ["cat", "dog", "owl", "fox", "bear", "frog", "duck", "wolf", "lion", "goat"],
-               "fruit": ["apple", "pear", "plum", "kiwi", "mango", "lime", "fig", "peach", "grape", "cherry"],
-               "day": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "today",
-                       "tomorrow", "yesterday"]}
+         "book", "tree", "moon", "fish", "bird", "milk", "rain", "bottle", "button", "carpet", "doctor", "engine",
+         "flower", "guitar", "hammer", "island", "jacket", "kitten", "ladder", "magnet", "needle", "pepper",
+         "planet", "rocket", "saddle", "tomato", "turtle", "violin", "wallet", "bucket", "castle", "dragon",
+         "finger", "ginger", "helmet", "insect", "jungle", "kettle", "lizard", "monkey", "napkin", "pillow",
+         "puzzle", "ribbon", "spider", "tunnel", "velvet", "walrus", "zipper", "anchor", "banana", "cherry",
+         "desert", "farmer", "goblin", "harbor", "igloo", "juice", "knife", "lamp", "mouse", "nest", "owl",
+         "piano", "queen", "robot", "snake", "train", "umbrella", "village", "wheel", "zebra", "basket", "coffee",
+         "daisy", "eagle", "feather", "grape", "honey", "iron", "jelly", "koala", "lion", "mango", "nurse", "onion",
+         "parrot", "quilt", "radio", "sheep", "tulip", "uncle", "vase", "whale", "yogurt"]
+JSON_VALUES = {
+    "color": ["blue", "red", "green", "black", "white", "pink", "gray", "brown", "purple", "gold",
+              "orange", "yellow", "silver", "teal", "navy", "beige", "olive", "maroon", "violet", "cyan"],
+    "name": ["Anna", "Tom", "Maria", "Ben", "Lena", "Omar", "Sara", "Paul", "Mia", "Ivan",
+             "Nora", "Leo", "Emma", "Sam", "Ada", "Max", "Zoe", "Hugo", "Lily", "Noah"],
+    "city": ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Berlin", "Quito", "Dublin", "Seoul",
+             "Madrid", "Vienna", "Prague", "Lisbon", "Athens", "Delhi", "Sydney", "Toronto", "Nairobi", "Bogota"],
+    "animal": ["cat", "dog", "owl", "fox", "bear", "frog", "duck", "wolf", "lion", "goat",
+               "horse", "mouse", "tiger", "zebra", "sheep", "camel", "eagle", "shark", "whale", "panda"],
+    "fruit": ["apple", "pear", "plum", "kiwi", "mango", "lime", "fig", "peach", "grape", "cherry",
+              "lemon", "melon", "banana", "orange", "papaya", "guava", "date", "apricot", "coconut", "berry"],
+    "day": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "today",
+            "tomorrow", "yesterday"],
+    "month": ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+              "October", "November", "December"],
+    "country": ["France", "Italy", "Norway", "Peru", "Egypt", "Japan", "Germany", "Ecuador", "Ireland", "Korea",
+                "Spain", "Austria", "Chile", "Portugal", "Greece", "India", "Canada", "Kenya", "Brazil", "Mexico"],
+    "food": ["pizza", "pasta", "rice", "soup", "salad", "bread", "cheese", "sushi", "tacos", "curry",
+             "noodles", "beans", "steak", "pie", "cake", "eggs", "toast", "fries", "stew", "waffles"],
+    "sport": ["tennis", "soccer", "golf", "hockey", "rugby", "boxing", "cricket", "chess", "skiing", "rowing",
+              "cycling", "karate", "judo", "surfing", "archery", "fencing", "diving", "sailing", "running", "polo"],
+    "drink": ["tea", "coffee", "milk", "juice", "water", "cocoa", "soda", "lemonade", "cider", "smoothie"],
+    "planet": ["Mercury", "Venus", "Earth", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune"],
+    "metal": ["iron", "gold", "silver", "copper", "tin", "zinc", "lead", "nickel", "steel", "bronze"],
+    "flower": ["rose", "tulip", "lily", "daisy", "orchid", "poppy", "iris", "lotus", "violet", "jasmine"],
+    "tool": ["hammer", "saw", "drill", "wrench", "shovel", "rake", "chisel", "pliers", "ladder", "axe"],
+    "instrument": ["piano", "guitar", "violin", "drum", "flute", "harp", "cello", "trumpet", "banjo", "organ"],
+    "shape": ["circle", "square", "triangle", "oval", "star", "heart", "diamond", "cube", "cone", "sphere"],
+    "language": ["English", "French", "Spanish", "German", "Italian", "Dutch", "Polish", "Greek", "Hindi",
+                 "Arabic", "Swahili", "Korean"],
+    "vehicle": ["car", "bus", "truck", "bike", "boat", "plane", "train", "tram", "scooter", "van"],
+    "bird": ["robin", "crow", "swan", "parrot", "eagle", "owl", "hawk", "dove", "finch", "heron"],
+    "gem": ["ruby", "emerald", "sapphire", "diamond", "pearl", "opal", "topaz", "jade", "amber", "onyx"],
+    "tree": ["oak", "pine", "maple", "birch", "willow", "cedar", "palm", "elm", "ash", "spruce"],
+}
+JSON_KEYS = list(JSON_VALUES)
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 
 
@@ -110,9 +154,11 @@ def _frozen_lake(rng: random.Random):
         if _lake_path_exists(grid):
             break
     lines = "\n".join(" ".join(row) for row in grid)
-    text = ("You stand on a frozen lake, a 4x4 grid (row 1 is the top row). S is the start, G the goal, "
-            "H a hole, F safe ice.\n" + lines +
-            "\nList every move from S to G, using up, down, left, right, separated by commas. Reply with the moves only.")
+    # Shorter than the first version's instructions, and a format line that is NOT an answer (a 135M model
+    # copies a complete example): measured 0/150 greedy either way (data/erl/README.md) — too hard for it.
+    text = ("A 4x4 frozen lake, row 1 at the top:\n" + lines +
+            "\nS is the start, G the goal, H a hole. Walk from S to G without stepping on H. Write the moves "
+            "separated by commas, in this format (not the answer): down, right, right")
     return text, {"grid": grid}
 
 
@@ -153,7 +199,7 @@ def score_json_key(answer: str, spec: dict) -> tuple[float, str]:
     try:
         obj = json.loads(answer[start : end + 1])
     except json.JSONDecodeError as err:
-        return 0.0, f"Your reply is not valid JSON ({err.msg} at character {err.pos})."
+        return 0.0, f"Your reply is not valid JSON ({err.msg.lower()})."
     if not isinstance(obj, dict):
         return 0.0, "Your JSON is not an object with keys."
     if key not in obj:
@@ -210,11 +256,22 @@ SCORERS = {"word_count": score_word_count, "arithmetic": score_arithmetic, "json
            "letters": score_letters, "frozen_lake": score_frozen_lake}
 
 
-def score(task: str, answer: str, spec: dict | str) -> tuple[float, str]:
-    """(reward in [0, 1], feedback sentence) of ``answer`` on one instance."""
+CUT_OFF = "Your reply was cut off at the length limit; make it shorter."
+
+
+def score(task: str, answer: str, spec: dict | str, truncated: bool = False) -> tuple[float, str]:
+    """(reward in [0, 1], feedback sentence) of ``answer`` on one instance.
+
+    ``truncated``: the reply hit the token cap before it ended. The reward is unchanged (it scores the text
+    as it is); the feedback then starts by saying so, since a cut-off answer ("{\"animal\": {\"name\": ...")
+    otherwise gets a misleading diagnosis ("contains no JSON object").
+    """
     if task not in SCORERS:
         raise ValueError(f"unknown feedback task {task!r}; use one of {TASKS}")
-    return SCORERS[task](answer, json.loads(spec) if isinstance(spec, str) else spec)
+    reward, feedback = SCORERS[task](answer, json.loads(spec) if isinstance(spec, str) else spec)
+    if truncated and reward < 1.0:
+        feedback = f"{CUT_OFF} {feedback}"
+    return reward, feedback
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,12 +287,14 @@ def completion_text(completion) -> str:
     raise TypeError(f"a completion must be a string or a list of chat messages, got {completion!r:.80}")
 
 
-def _scores(completions, task, spec) -> list[tuple[float, str]]:
+def _scores(completions, task, spec, truncated=None) -> list[tuple[float, str]]:
     if task is None or spec is None:
         raise ValueError("feedback tasks need the dataset columns 'task' and 'spec' (load the data with load_split())")
-    if not (len(completions) == len(task) == len(spec)):
-        raise ValueError(f"got {len(completions)} completions for {len(task)} tasks and {len(spec)} specs")
-    return [score(t, completion_text(c), s) for c, t, s in zip(completions, task, spec)]
+    truncated = [False] * len(completions) if truncated is None else list(truncated)
+    if not (len(completions) == len(task) == len(spec) == len(truncated)):
+        raise ValueError(f"got {len(completions)} completions for {len(task)} tasks, {len(spec)} specs and "
+                         f"{len(truncated)} truncation flags")
+    return [score(t, completion_text(c), s, bool(cut)) for c, t, s, cut in zip(completions, task, spec, truncated)]
 
 
 def reward_func(prompts, completions, task=None, spec=None, **kwargs) -> list[float]:
@@ -243,17 +302,24 @@ def reward_func(prompts, completions, task=None, spec=None, **kwargs) -> list[fl
     return [r for r, _ in _scores(completions, task, spec)]
 
 
-def feedback_func(prompts, completions, task=None, spec=None, **kwargs) -> list[str]:
-    """ERL feedback function: one sentence per completion saying what was wrong (or that it was right)."""
-    return [f for _, f in _scores(completions, task, spec)]
+def feedback_func(prompts, completions, task=None, spec=None, truncated=None, **kwargs) -> list[str]:
+    """ERL feedback function: one sentence per completion saying what was wrong (or that it was right).
+
+    ``truncated`` (one bool per completion, passed by ``ERLTrainer``): the completion hit the token cap; the
+    feedback then says the reply was cut off."""
+    return [f for _, f in _scores(completions, task, spec, truncated)]
 
 
 # ----------------------------------------------------------------------------------------------
 # the data files and the datasets built from them
 
 
-def generate(seed: int = 0, n_train: int = 200, n_eval: int = 50, tasks: Sequence[str] = TASKS) -> dict[str, list[dict]]:
-    """Distinct instances per task, split into train and eval (no prompt appears in both)."""
+def generate(seed: int = 0, n_train: int = 400, n_eval: int = 150, tasks: Sequence[str] = TASKS) -> dict[str, list[dict]]:
+    """Distinct instances per task, split into train and eval (no prompt appears in both).
+
+    Each family puts ``n_eval`` instances in eval (enough for a paired interval of about ±0.1 on a success
+    rate) and up to ``n_train`` of the rest in train; a family needs at least 2 × ``n_eval`` distinct prompts.
+    """
     rng = random.Random(seed)
     splits = {"train": [], "eval": []}
     for task in tasks:
@@ -264,14 +330,15 @@ def generate(seed: int = 0, n_train: int = 200, n_eval: int = 50, tasks: Sequenc
             if prompt not in seen:
                 seen.add(prompt)
                 rows.append({"task": task, "prompt": prompt, "spec": json.dumps(spec)})
+        if len(rows) < 2 * n_eval:
+            raise ValueError(f"{task}: only {len(rows)} distinct prompts, fewer than 2 × n_eval = {2 * n_eval}")
         rng.shuffle(rows)
-        n_eval_task = min(n_eval, len(rows) // 5) if len(rows) < n_train + n_eval else n_eval
-        splits["eval"] += rows[:n_eval_task]
-        splits["train"] += rows[n_eval_task:]
+        splits["eval"] += rows[:n_eval]
+        splits["train"] += rows[n_eval:]
     return splits
 
 
-def write(folder: str | Path = DATA_DIR, seed: int = 0, n_train: int = 200, n_eval: int = 50) -> dict[str, int]:
+def write(folder: str | Path = DATA_DIR, seed: int = 0, n_train: int = 400, n_eval: int = 150) -> dict[str, int]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     counts = {}
@@ -351,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Regenerate data/erl/{train,eval}.jsonl (seeded).")
     parser.add_argument("--out", default=str(DATA_DIR))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=200, help="train instances per task")
-    parser.add_argument("--n-eval", type=int, default=50, help="eval instances per task")
+    parser.add_argument("--n-train", type=int, default=400, help="train instances per task (at most)")
+    parser.add_argument("--n-eval", type=int, default=150, help="eval instances per task")
     args = parser.parse_args(argv)
     counts = write(args.out, args.seed, args.n_train, args.n_eval)
     print(f"wrote {counts} rows to {args.out}")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rlnlp.models import completion_logprobs
-from rlnlp.sampling import render_prompts, sample
+from rlnlp.sampling import Samples, render_prompts, sample
 
 
 def test_shapes_grouping_and_masks(policy):
@@ -75,3 +75,142 @@ def test_select_and_concat_round_trip_through_rescoring(policy):
         again = completion_logprobs(model, both.prompt_ids, both.prompt_mask, both.completion_ids, both.completion_mask)
     assert torch.allclose(again, both.logprobs, atol=1e-3)  # re-padding kept every token aligned
     assert both.select([0]).prompt_mask.all()  # one row alone keeps no left-padding column
+
+
+# --- issue 11: one prefill per distinct prompt, shared-prefix reuse, incremental stops ------------------------------
+
+def _rescored(model, s, temperature=1.0):
+    with torch.no_grad():
+        return completion_logprobs(model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask,
+                                   temperature=temperature)
+
+
+def _plain(monkeypatch, fn):
+    """Run ``fn()`` on the reference path: every row prefilled on its own, no shared prefix, no shared KV."""
+    import rlnlp.sampling as sampling
+
+    with monkeypatch.context() as m:
+        m.setattr(sampling, "SHARE_PROMPT_PREFILL", False)
+        return fn()
+
+
+@pytest.mark.parametrize("shared_kv", [True, False], ids=["shared-kv-attention", "expanded-cache"])
+def test_shared_prompt_kv_equals_independent_rows(policy, monkeypatch, shared_kv):
+    """The n samples of a prompt share its prefill (decoded either by the shared-KV attention or from the prompt's
+    cache copied to each row); prompts repeat non-adjacently ([A, B, A]), which groups rows out of order."""
+    import rlnlp.sampling as sampling
+
+    model, tok = policy
+    if not shared_kv:
+        monkeypatch.setattr(sampling, "SHARED_KV_MODEL_TYPES", set())
+    prompts = ["Say hi.", "Write a short poem about the rain in the city.", "Say hi."]
+    run = lambda: sample(model, tok, prompts, n=3, max_new_tokens=10, temperature=0.8, seed=11)  # noqa: E731
+    s, ref = run(), _plain(monkeypatch, run)
+    assert s.completion_ids.shape == ref.completion_ids.shape and torch.equal(s.completion_ids, ref.completion_ids)
+    assert torch.equal(s.prompt_ids, ref.prompt_ids) and torch.equal(s.completion_mask, ref.completion_mask)
+    assert (s.logprobs - ref.logprobs).abs().max() < 1e-4
+    assert (s.logprobs - _rescored(model, s, 0.8)).abs().max() < 1e-4
+
+
+def test_shared_prefix_rows_equal_a_rescoring_pass(policy, monkeypatch):
+    """Raw prompts with a long common token prefix and suffixes of different lengths (padding sits between the prefix
+    and the suffix): the prefix is encoded once, in one place, and reused by every batch of the call."""
+    import rlnlp.sampling as sampling
+
+    model, tok = policy
+    calls = []
+    real = sampling._prefix_kv
+    monkeypatch.setattr(sampling, "_prefix_kv", lambda m, kw, ids, dev: calls.append(len(ids)) or real(m, kw, ids, dev))
+    rules = ("You are playing a game on a five by five board. Each turn you choose one move: up, down, left or right. "
+             "A move into a wall leaves you where you are.")
+    prompts = [f"{rules}\nState: {s}\nMove:" for s in ["start", "you hit a wall twice in a row, near the corner", "(2, 3)",
+                                                        "the goal is one step to the left of you", "lost"]]
+    run = lambda: sample(model, tok, prompts, n=2, max_new_tokens=8, chat=False, batch_size=4, seed=5)  # noqa: E731
+    s = run()
+    assert len(calls) == 1 and calls[0] >= 25  # one prefill of the shared prefix for the three batches
+    ref = _plain(monkeypatch, run)
+    assert len(calls) == 1  # the reference path never shares
+    assert torch.equal(s.completion_ids, ref.completion_ids) and torch.equal(s.prompt_ids, ref.prompt_ids)
+    assert (s.logprobs - ref.logprobs).abs().max() < 1e-4
+    assert (s.logprobs - _rescored(model, s)).abs().max() < 1e-4
+
+
+def test_incremental_text_is_the_full_decode(policy):
+    """The stop check's running text equals decode(completion so far) at every token, multi-byte characters split
+    across tokens included (an unfinished character shows as U+FFFD in both)."""
+    from rlnlp.sampling import _IncrementalText
+
+    _, tok = policy
+    ids = tok("naïve café — 日本語のテキスト 🙂🚀 x² ≠ y\n  two  spaces\tand a tab.", add_special_tokens=False)["input_ids"]
+    state = _IncrementalText()
+    for k, token in enumerate(ids):
+        old, new = tok.batch_decode(list(state.windows(token)), skip_special_tokens=True)
+        state.advance(old, new)
+        assert state.visible() == tok.decode(ids[: k + 1], skip_special_tokens=True)
+        assert state.visible().endswith(state.window)  # what may have changed is the end of the text
+
+
+def test_stop_string_spanning_a_token_boundary(policy):
+    """A stop string made of the end of one token and the start of the next ends the completion at the second token."""
+    model, tok = policy
+    prompt = ["Tell me a story about a dragon."]
+    free = sample(model, tok, prompt, max_new_tokens=24, temperature=0)
+    ids = free.completion_ids[0, : int(free.lengths[0])].tolist()
+    pieces = [tok.decode(ids[: k + 1], skip_special_tokens=True) for k in range(len(ids))]
+    # the first boundary k | k+1 after a few tokens where both sides have at least 2 characters of new text
+    k = next(k for k in range(3, len(ids) - 1) if len(pieces[k]) - len(pieces[k - 1]) >= 2
+             and len(pieces[k + 1]) - len(pieces[k]) >= 2)
+    stop = pieces[k + 1][len(pieces[k]) - 2 : len(pieces[k]) + 2]  # 2 characters each side of the boundary
+    assert stop not in pieces[k] and stop in pieces[k + 1]
+    s = sample(model, tok, prompt, max_new_tokens=24, temperature=0, stop=["<never>", stop])
+    assert s.stopped[0] and int(s.lengths[0]) == k + 2
+    assert s.completion_ids[0, : k + 2].tolist() == ids[: k + 2] and s.texts[0] == pieces[k + 1]
+
+
+def test_rows_that_finish_at_different_steps(policy, monkeypatch):
+    """Rows end at different steps (stop strings, and EOS — here a common token counted as one): each row's tokens,
+    mask and log-probs are what it gets alone, after finished rows have left the compute batch."""
+    import rlnlp.sampling as sampling
+
+    model, tok = policy
+    period = tok(".", add_special_tokens=False)["input_ids"][0]
+    real_eos = sampling._eos_ids
+    monkeypatch.setattr(sampling, "_eos_ids", lambda m, t: real_eos(m, t) | {period})
+    prompts = ["Name a fruit.", "Write a long sentence about the sea and the sky.", "Count from one to ten.",
+               "Say hi.", "List three colors, separated by commas.", "Describe a cat in detail.",
+               "What is two plus two?", "Tell me a joke."]
+    kw = dict(max_new_tokens=20, temperature=0, stop=[",", "\n"])
+    together = sample(model, tok, prompts, **kw)
+    lengths = together.lengths.tolist()
+    assert len(set(lengths)) >= 3 and sum(together.stopped) >= 4, lengths  # finished at different steps
+    alone = Samples.concat([sample(model, tok, [p], **kw) for p in prompts], pad_id=tok.pad_token_id)
+    assert together.texts == alone.texts and torch.equal(together.completion_ids, alone.completion_ids)
+    assert torch.equal(together.completion_mask, alone.completion_mask) and together.stopped == alone.stopped
+    assert (together.logprobs - alone.logprobs).abs().max() < 1e-4
+    assert (together.logprobs - _rescored(model, together)).abs().max() < 1e-4
+    for i, n in enumerate(lengths):
+        last = int(together.completion_ids[i, n - 1])
+        assert together.stopped[i] == (last == period or any(x in together.texts[i] for x in kw["stop"]) or
+                                       last == tok.eos_token_id)
+        assert torch.all(together.completion_ids[i, n:] == tok.pad_token_id) and torch.all(together.logprobs[i, n:] == 0)
+
+
+def test_n_samples_with_a_seed_are_reproducible(policy):
+    model, tok = policy
+    prompts = ["Write a short poem about rain.", "Name an animal."]
+    run = lambda seed: sample(model, tok, prompts, n=4, max_new_tokens=8, seed=seed)  # noqa: E731
+    a = run(7)
+    torch.manual_seed(123)  # the global generator does not matter when a seed is given
+    b = run(7)
+    assert a.texts == b.texts and torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
+    assert len(set(a.texts[:4])) > 1  # the n samples of a prompt are different draws, not copies
+    assert run(8).texts != a.texts
+
+
+def test_bench_command_line_errors_are_one_line(capsys):
+    from rlnlp.bench import main
+
+    for argv in (["sampler", "--case", "z"], ["sampler", "--repeat", "0"], ["sampler", "--case"], ["nope"], []):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "usage" in err and "Traceback" not in err

@@ -979,10 +979,19 @@ def candidate_values(run: Run, episode: Episode, k: int = 4, seed: int = 0) -> d
             "candidates": [u.texts[t * k:(t + 1) * k] for t in range(T)]}
 
 
+def ended_episodes(df, column: str = "charts/episode_return"):
+    """The rows of a run's log that record an ended episode (none yet: an empty frame with the episode columns;
+    a short multi-turn run may end before its first episode does)."""
+    if column not in df:
+        import pandas as pd
+        return pd.DataFrame({c: pd.Series(dtype=float) for c in ("charts/env_steps", column)})
+    return df.dropna(subset=[column])
+
+
 def return_curve(df, bins: int = 12, column: str = "charts/episode_return", budget: float | None = None) -> dict:
     """Mean of ``column`` over the episodes that ENDED in each window of environment samples (no length bias)."""
-    ep = df.dropna(subset=[column])
-    hi = budget or float(ep["charts/env_steps"].max())
+    ep = ended_episodes(df, column)
+    hi = budget or (float(ep["charts/env_steps"].max()) if len(ep) else 1.0)
     edges = np.linspace(0, hi + 1e-9, bins + 1)
     return binned_rate(ep["charts/env_steps"].to_numpy(), ep[column].to_numpy(), edges)
 
@@ -1063,7 +1072,7 @@ def _cli_train(args) -> int:
                                  "or choose another --name")
     check_dataset(cfg)
     run = train(cfg, algo, name, resume=args.resume)
-    ep = run.df.dropna(subset=["charts/episode_return"]) if "charts/episode_return" in run.df else run.df.iloc[:0]
+    ep = ended_episodes(run.df)
     print(f"{name}: {run.env_steps} env samples, {run.grad_steps} actor gradient steps, {len(ep)} episodes, "
           f"mean return of the last {min(16, len(ep))}: {ep['charts/episode_return'].tail(16).mean():.3f} "
           f"-> {run.tracker.dir}")

@@ -45,8 +45,13 @@ def execute(src: str | Path, dst: str | Path | None = None, timeout: int = 1800)
 
 
 def main(argv: list[str]) -> int:
-    if not argv:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
+        return 0 if argv else 2
+    bad = [a for i, a in enumerate(argv) if a.startswith("-") and not (i == 0 and a == "--strip")]
+    if bad or (argv[0] != "--strip" and len(argv) > 2):
+        print(f"error: usage: python -m rlnlp.notebook IN.ipynb [OUT.ipynb] | --strip A.ipynb ... "
+              f"(got {' '.join(bad or argv[2:])})", file=sys.stderr)
         return 2
     paths = argv[1:] if argv[0] == "--strip" else argv[:1]
     missing = [p for p in paths if not Path(p).is_file()]

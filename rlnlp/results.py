@@ -53,7 +53,8 @@ def device_name() -> str:
     dev = active_device()
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({os.cpu_count()} cores, {threads} thread{'s' if threads != 1 else ''})"
 
 
 class Results:

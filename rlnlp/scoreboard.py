@@ -32,6 +32,15 @@ def _signed(x: float) -> str:
     return "—" if x is None or not math.isfinite(x) else f"{x:+.3g}"
 
 
+def units(unit: str, n: int) -> str:
+    """'held-out route' → 'held-out routes'; the noun before a parenthesis takes the s:
+    'episode (same seed)' → 'episodes (same seed)'."""
+    head, sep, tail = unit.partition(" (")
+    if n != 1 and not head.endswith("s"):
+        head += "s"
+    return head + sep + tail
+
+
 def row_cells(r: dict) -> list[str]:
     verdict = r.get("verdict", "no")
     better = "↑" if r.get("higher_is_better", True) else "↓"
@@ -39,7 +48,7 @@ def row_cells(r: dict) -> list[str]:
         r["system"], r["task"], f"{r['metric']} ({better})", f"{r['method']} {_num(r['value'])}",
         f"{r['baseline']} {_num(r['baseline_value'])}",
         f"{_signed(r['difference'])} [{_signed(r['low'])}, {_signed(r['high'])}]",
-        f"{r['n']} {r['unit']}{'s' if r['n'] != 1 and not r['unit'].endswith('s') else ''}",
+        f"{r['n']} {units(r['unit'], r['n'])}",
         f"**{verdict}**" if verdict == "yes" else verdict,
         f"{r['wall_s'] / 60:.1f} min", f"{r['date']} {r['commit']}",
     ]

@@ -632,3 +632,16 @@ def replace_cfg(cfg, **kw):
     from dataclasses import replace
 
     return replace(cfg, **kw)
+
+
+def test_return_curve_of_a_run_whose_episodes_have_not_ended():
+    """A short multi-turn run can stop before any episode ends: its log has no return column at all."""
+    import pandas as pd
+
+    running = pd.DataFrame({"charts/env_steps": [8.0, 16.0], "losses/critic": [0.5, 0.4]})
+    assert len(archer.ended_episodes(running)) == 0
+    assert np.isnan(archer.return_curve(running, bins=4, budget=24)["mean"]).all()
+    ended = pd.DataFrame({"charts/env_steps": [8.0, 16.0, 16.0], "charts/episode_return": [np.nan, 1.0, 0.0]})
+    c = archer.return_curve(ended, bins=2, budget=16)
+    assert list(archer.ended_episodes(ended)["charts/episode_return"]) == [1.0, 0.0]
+    assert np.isnan(c["mean"][0]) and c["mean"][1] == 0.5

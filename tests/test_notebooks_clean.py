@@ -36,3 +36,15 @@ def test_notebook_defines_no_functions_or_classes(path):
         tree = ast.parse(src)
         defs = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
         assert not defs, f"{path.name} cell {i} defines {defs}: reusable code belongs in rlnlp"
+
+
+@pytest.mark.parametrize("argv, words", [(["missing.ipynb"], "no such notebook"),
+                                         (["notebooks/00_tour.ipynb", "-o", "x.ipynb"], "got -o"),
+                                         (["a.ipynb", "b.ipynb", "c.ipynb"], "got c.ipynb"),
+                                         (["a.ipynb", "--strip"], "got --strip")])
+def test_notebook_runner_rejects_bad_arguments_in_one_line(argv, words, capsys):
+    from rlnlp.notebook import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err

@@ -119,7 +119,7 @@ def sampler_main(argv: list[str]) -> int:
               file=sys.stderr)
         return 1
     print(f"{datetime.date.today()} · {model.device} · {model.dtype} · torch {torch.__version__} · "
-          f"transformers {transformers.__version__} · {torch.get_num_threads()} threads · best of {repeat} runs each")
+          f"transformers {transformers.__version__} · {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''} · best of {repeat} runs each")
     from .sampling import sample
 
     sample(model, tokenizer, ["Warm up."], n=2, max_new_tokens=4, seed=0)  # first-call costs out of the timings

@@ -42,7 +42,7 @@ from .losses import normalize, ppo_clip_loss, value_loss
 from .models import TextEncoder
 from .returns import gae
 from .runtime import device as default_device
-from .stats import Interval, bootstrap
+from .stats import Interval, bootstrap, spearman
 from .tracking import Tracker, progress
 
 
@@ -718,15 +718,6 @@ def grid_values(agent: Alector, encoder: TextEncoder, cfg: AlectorsConfig) -> di
     idx = tuple(np.array([(o, y, x) for x, y, o in states]).T)
     return {"critic": critic, "v_star": v_star, "v_pi": v_pi, "states": states,
             "critic_flat": critic[idx], "v_star_flat": v_star[idx], "v_pi_flat": v_pi[idx]}
-
-
-def spearman(exact: np.ndarray, predicted: np.ndarray) -> float:
-    """Spearman rank correlation (NaN when either side is constant)."""
-    from scipy.stats import spearmanr
-
-    if np.ptp(exact) == 0 or np.ptp(predicted) == 0:
-        return float("nan")
-    return float(spearmanr(exact, predicted).statistic)
 
 
 def critic_accuracy(exact: np.ndarray, predicted: np.ndarray, n_resamples: int = 2000) -> dict:

@@ -62,7 +62,7 @@ from trl.data_utils import is_conversational
 from trl.trainer.utils import pad
 
 from .models import position_ids_from_mask, resolve_policy
-from .sampling import sample
+from .sampling import common_prefix_length, sample
 from .tracking import runs_dir
 
 # Fixed text first, then what all gated samples of a step share (the memory, under recency retrieval),
@@ -456,10 +456,7 @@ class PackedForward:
         for start in range(0, R, size):
             rows = order[start : start + size]
             first = prompts[rows[0]]
-            L = min(len(prompts[i]) for i in rows) - 1  # every row keeps ≥ 1 own prompt token: it predicts its first token
-            for i in rows[1:]:
-                p = prompts[i]
-                L = next((k for k in range(L) if p[k] != first[k]), L)
+            L = common_prefix_length([prompts[i] for i in rows])  # every row keeps ≥ 1 own prompt token: it predicts its first token
             tokens, seg, pos, pred, targets = list(first[:L]), [0] * L, list(range(L)), [], []
             for k, i in enumerate(rows):
                 own, comp = prompts[i][L:], comps[i]

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from .envs.gridworld import COMPASS, FORWARD, LEFT, GridWorld, State, epsilon_greedy, sample_action, value_iteration
 from .models import completion_logprobs, masked_mean
 from .sampling import Samples, render_prompts, sample
+from .stats import spearman
 from .tracking import progress
 
 
@@ -453,12 +454,6 @@ def split_states(env: GridWorld, heldout_fraction: float, rng: random.Random) ->
     rng.shuffle(states)
     n_held = max(1, round(heldout_fraction * len(states)))
     return states[n_held:], states[:n_held]
-
-
-def spearman(a, b) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b).statistic)
 
 
 # ============================================================================================

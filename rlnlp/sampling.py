@@ -449,8 +449,9 @@ def _sample_batch(model, tokenizer, kw, prompt_ids, rows, prefix, max_new_tokens
     """
     dev = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    distinct = list(dict.fromkeys(rows))  # the distinct prompts of this batch, in order
-    local = torch.as_tensor([distinct.index(r) for r in rows], device=dev)  # row -> distinct prompt
+    position = {r: i for i, r in enumerate(dict.fromkeys(rows))}  # the distinct prompts of this batch, in order
+    distinct = list(position)
+    local = torch.as_tensor([position[r] for r in rows], device=dev)  # row -> distinct prompt
     prefix_kv, L = prefix
     sfx_ids, sfx_mask = _left_pad([prompt_ids[d][L:] for d in distinct], pad, dev)  # (D, S)
     S = sfx_ids.shape[1]
@@ -534,7 +535,7 @@ SHARE_PROMPT_PREFILL = True
 reference path the tests compare against)."""
 
 
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     """Length of the longest common prefix, leaving at least one token of every sequence as its suffix."""
     first = seqs[0]
     L = min(len(s) for s in seqs) - 1
@@ -599,8 +600,9 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], *, n: int = 1, max_new_t
         generator = torch.Generator(device=dev).manual_seed(seed)
     eos = _eos_ids(model, tokenizer)
     if SHARE_PROMPT_PREFILL:
-        texts = list(dict.fromkeys(rendered))  # distinct rendered prompts
-        rows = [texts.index(text) for text in rendered for _ in range(n)]
+        index = {text: i for i, text in enumerate(dict.fromkeys(rendered))}  # distinct rendered prompts, in order
+        texts = list(index)
+        rows = [index[text] for text in rendered for _ in range(n)]
     else:
         texts = [text for text in rendered for _ in range(n)]
         rows = list(range(len(texts)))
@@ -617,7 +619,7 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], *, n: int = 1, max_new_t
         starts = tqdm(starts, desc="sampling", unit="batch")
     try:
         prefix = (None, 0)
-        L = _common_prefix(prompt_ids)
+        L = common_prefix_length(prompt_ids)
         if SHARE_PROMPT_PREFILL and L >= SHARED_PREFIX_MIN_TOKENS and (len(texts) > 1 or len(rows) > batch_size):
             kv = _prefix_kv(model, kw, prompt_ids[0][:L], dev)
             prefix = (kv, L) if kv is not None else prefix

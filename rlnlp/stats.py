@@ -141,6 +141,15 @@ def bootstrap(statistic: Callable[..., float], *arrays: Sequence, n_resamples: i
     return Interval(estimate, float(low), float(high), n, confidence, "bootstrap")
 
 
+def spearman(exact: Sequence[float], predicted: Sequence[float]) -> float:
+    """Spearman rank correlation (NaN when either side is constant: a constant ranks nothing)."""
+    from scipy.stats import spearmanr
+
+    if np.ptp(exact) == 0 or np.ptp(predicted) == 0:
+        return float("nan")
+    return float(spearmanr(exact, predicted).statistic)
+
+
 def binned_rate(ends: Sequence[float], values: Sequence[float], edges: Sequence[float] | int) -> dict:
     """Average ``values`` of the episodes that ENDED in each window ``[edges[j], edges[j+1])``.
 

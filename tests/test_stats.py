@@ -110,3 +110,13 @@ def test_verdict_respects_direction():
     assert up.verdict(True) == "yes" and up.verdict(False) == "worse"
     assert stats.Interval(0.1, -0.02, 0.2, 30).verdict() == "no"
     assert str(up) == "+0.100 [+0.020, +0.200]"
+
+
+def test_spearman_is_the_pearson_correlation_of_ranks_and_nan_for_a_constant():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=40), rng.normal(size=40)
+    b[:20] += 2 * a[:20]
+    ranks = lambda x: np.argsort(np.argsort(x))  # no ties in continuous draws
+    assert stats.spearman(a, b) == pytest.approx(np.corrcoef(ranks(a), ranks(b))[0, 1], abs=1e-12)
+    assert stats.spearman(a, -a) == pytest.approx(-1.0)
+    assert np.isnan(stats.spearman(a, np.full_like(a, 2.0)))

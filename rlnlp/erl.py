@@ -33,10 +33,11 @@ and internalization rows to the same row-aligned batch (a per-row ``erl_part`` t
 part evenly over the ``steps_per_generation`` micro-batches. Reflections and retries use the
 workbook's one sampler, ``rlnlp.sampling.sample``, on the unwrapped policy (the same weights as y1;
 no vLLM, no ZeRO-3 gathering; single process). Cost: every forward pass (the loss and the old /
-reference log-probs) packs at most ``per_device_train_batch_size`` rows into one sequence in which
-their shared prompt prefix appears once and no padding at all (``PackedForward``: a group's y1 rows
-share the whole prompt, a prompt's reflections share template, memory and task), and the LM head
-runs on completion positions only; models it cannot serve exactly use TRL's forward on chunks of
+reference log-probs) lays rows out as a prefix tree — each prompt prefix that rows share appears
+once, no padding at all (``PackedForward``: a group's y1 and y2 rows share the task, a prompt's
+reflections share template, memory, task) — in sequences of at most ``per_device_train_batch_size``
+× the padded width tokens (what TRL's forward holds for that many rows), and the LM head runs once,
+on completion positions only; models it cannot serve exactly use TRL's forward on chunks of
 that many rows with all-padding columns dropped per chunk. ``python -m rlnlp.bench erl`` times an
 ERL step against TRL's GRPO step and a packed GRPO step at the same config, phase by phase.
 Evaluation (``evaluate``) answers held-out prompts greedily with NO reflection.
@@ -62,18 +63,20 @@ from trl.data_utils import is_conversational
 from trl.trainer.utils import pad
 
 from .models import position_ids_from_mask, resolve_policy
-from .sampling import common_prefix_length, sample
+from .sampling import sample
 from .tracking import runs_dir
 
-# Fixed text first, then what all gated samples of a step share (the memory, under recency retrieval),
-# then what a group shares (the task), then the sample's own attempt: the longest common prefix for the
-# sampler's shared prefill. Short, because every reflection-prompt token is paid again in the loss.
+# Fixed text first (the instruction too), then what all gated samples of a step share (the memory, under recency
+# retrieval), then what a group shares (the task), then the sample's own attempt, score and feedback: the longest
+# common prefix for the sampler's shared prefill and the packed loss's prefix tree. Short, because every token from
+# the attempt on is paid again per row in the loss: this wording has ~20 fewer such tokens per row than the
+# instruction-last "Feedback: … Score: 0.00.\nIn one sentence, say what to change in your next answer.".
 DEFAULT_REFLECTION_PROMPT = (
+    "In one sentence, say what to change in the answer below.\n"
     "Lessons from earlier tasks: {memory}\n"
     "Task: {prompt}\n"
-    "Your answer: {attempt}\n"
-    "Feedback: {feedback} Score: {reward}.\n"
-    "In one sentence, say what to change in your next answer."
+    "Answer: {attempt}\n"
+    "Score {reward}: {feedback}"
 )
 DEFAULT_RETRY_PROMPT = "{prompt}\nAdvice from your last try: {reflection}"
 REFLECTION_FIELDS = {"prompt", "attempt", "feedback", "reward", "memory"}
@@ -375,6 +378,70 @@ def _completion_text(completion) -> str:
     return completion if isinstance(completion, str) else str(completion[-1]["content"])
 
 
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    k, n = 0, min(len(a), len(b))
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def pack_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], budget: int) -> list[list[int]]:
+    """Consecutive rows (prompts sorted, completions non-empty) grouped into packs of at most ``budget`` tokens each,
+    counted as ``prefix_tree_pack`` lays them out: a row adds the prompt tokens it does not share with the row before
+    it, plus its completion but the last token. A row longer than the budget gets a pack of its own."""
+    packs: list[list[int]] = []
+    cost = 0
+    for k, (p, c) in enumerate(zip(prompts, completions)):
+        add = len(p) - (_lcp(prompts[k - 1], p) if packs and cost else 0) + len(c) - 1
+        if not packs or (cost and cost + add > budget):
+            packs.append([])
+            add, cost = len(p) + len(c) - 1, 0
+        packs[-1].append(k)
+        cost += add
+    return packs
+
+
+def prefix_tree_pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]):
+    """Rows laid out as ONE sequence in which every prompt prefix that rows share appears once (a prefix tree).
+
+    ``prompts`` sorted (then each row's prefix shared with any earlier row is shared with the row just before it),
+    ``completions`` non-empty. Each row adds the prompt tokens it does not share with the previous row, then its
+    completion without the last token (whose output predicts nothing). Returns ``tokens`` (S,), ``position_ids`` (S,)
+    — a token's position in its own row —, ``allowed`` (S, S) bool — token q sees token k iff k is on q's row path
+    at or before q: its shared prefixes and itself —, and per row the sequence indices whose outputs predict its
+    completion tokens (the last prompt token, then each completion token but the last). Each row's outputs are those
+    of the row alone: RoPE depends on position differences only, and no row sees another row's tokens.
+    """
+    tokens: list[int] = []
+    pos: list[int] = []
+    paths, emitted, pred = [], [], []
+    prev_prompt: Sequence[int] = ()
+    prev_idx: list[int] = []
+    for p, c in zip(prompts, completions):
+        shared = _lcp(prev_prompt, p)
+        idx = prev_idx[:shared]
+        for k in range(shared, len(p)):
+            idx.append(len(tokens))
+            tokens.append(p[k])
+            pos.append(k)
+        path = list(idx)
+        for t, tok in enumerate(c[:-1]):
+            path.append(len(tokens))
+            tokens.append(tok)
+            pos.append(len(p) + t)
+        pred.append(path[len(p) - 1 : len(p) - 1 + len(c)])
+        paths.append(path)
+        emitted.append(shared)
+        prev_prompt, prev_idx = p, idx
+    S = len(tokens)
+    allowed = torch.zeros(S, S, dtype=torch.bool)
+    for path, shared in zip(paths, emitted):
+        if len(path) > shared:
+            path_t = torch.tensor(path)
+            allowed[path_t[shared:, None], path_t[None, :]] = torch.ones(len(path), len(path), dtype=torch.bool).tril()[shared:]
+    return tokens, pos, allowed, pred
+
+
 # ----------------------------------------------------------------------------------------------
 # the trainers
 
@@ -383,15 +450,18 @@ class PackedForward:
     """Mixin for a ``GRPOTrainer``: the per-token log-probs (and entropies) of every forward pass — the loss and the
     old / reference log-probs — computed without padding and with each shared prompt prefix computed once.
 
-    Rows are sorted by their prompt tokens and taken ``per_device_train_batch_size`` at a time (the configured
-    micro-batch size). The rows of one such pack share their longest common prompt prefix (a group's y1 rows share
-    the whole prompt; the reflections of one prompt share the template, the memory and the task); the pack is ONE
-    sequence ``[prefix, row 1's own prompt + completion, row 2's ..., ...]`` with a block-causal attention mask (each
-    row sees the prefix and itself) and each row's own position ids, so every row's log-probs are those of the row
-    alone (RoPE depends on position differences only). The LM head (TRL's ``ChunkedLogProbFunction``, the kernel of
-    its fused head, same temperature) runs on the completion positions only. Exact to float rounding against TRL's
-    padded forward (tests/test_erl.py); the gradient is the same, with fewer tokens through the model: at the smoke
-    config a y1 group's 4 × (56 + 24) tokens become 55 + 4 × 25.
+    Rows are sorted by their prompt tokens and laid out as a prefix tree (``prefix_tree_pack``): each row adds only
+    the prompt tokens it does not share with the row before it (a group's y1 rows share the whole prompt, its retries
+    the task; the reflections of one prompt share the template, the memory and the task), then its completion but
+    the last token, with an attention mask under which each token sees its own row's path only and each row's own
+    position ids, so every row's log-probs are those of the row alone (RoPE depends on position differences only).
+    ``pack_rows`` cuts the sorted rows into sequences of at most ``per_device_train_batch_size`` × padded width
+    tokens — what TRL's forward holds for that many padded rows of the same batch. The LM head (TRL's
+    ``ChunkedLogProbFunction``, the kernel of its fused head, same temperature) runs ONCE over the completion
+    positions of all sequences: its fixed cost (a vocabulary-sized gradient buffer) is paid once per forward, not
+    once per pack. Exact to float rounding against TRL's padded forward (tests/test_erl.py); the gradient is the
+    same, with fewer tokens through the model: at the smoke config a y1 group's 4 × (56 + 24) tokens become
+    56 + 4 × 23.
 
     Models the packing cannot serve exactly fall back to TRL's forward, chunked to the micro-batch size with
     all-padding columns dropped per chunk: MoE auxiliary loss, multimodal inputs, attention other than sdpa / eager,
@@ -449,49 +519,31 @@ class PackedForward:
         if min(len(p) for p in prompts) == 0 or int(c_len.sum()) == 0:
             return None
         comps = [input_ids[i, P : P + int(c_len[i])].tolist() for i in range(R)]
-        order = sorted(range(R), key=lambda i: prompts[i])  # shared prefixes end up side by side
+        order = sorted((i for i in range(R) if comps[i]), key=lambda i: prompts[i])  # shared prefixes side by side
         outputs = ("log_probs", "entropy") if compute_entropy else ("log_probs",)
-        logps = entropies = None
-        rows_out, cols_out, lp_out, ent_out = [], [], [], []
-        for start in range(0, R, size):
-            rows = order[start : start + size]
-            first = prompts[rows[0]]
-            L = common_prefix_length([prompts[i] for i in rows])  # every row keeps ≥ 1 own prompt token: it predicts its first token
-            tokens, seg, pos, pred, targets = list(first[:L]), [0] * L, list(range(L)), [], []
-            for k, i in enumerate(rows):
-                own, comp = prompts[i][L:], comps[i]
-                begin = len(tokens)
-                tokens += own + comp
-                seg += [k + 1] * (len(own) + len(comp))
-                pos += range(L, L + len(own) + len(comp))
-                pred += range(begin + len(own) - 1, begin + len(own) - 1 + len(comp))
-                targets += comp
-                rows_out += [i] * len(comp)
-                cols_out += range(len(comp))
-            if not targets:
-                continue
-            S = len(tokens)
-            seg_t = torch.tensor(seg, device=dev)
-            allowed = torch.ones(S, S, dtype=torch.bool, device=dev).tril() & (
-                (seg_t[:, None] == seg_t[None, :]) | (seg_t[None, :] == 0))
+        hidden_out, targets, rows_out, cols_out = [], [], [], []
+        for rows in pack_rows([prompts[i] for i in order], [comps[i] for i in order], size * input_ids.shape[1]):
+            rows = [order[k] for k in rows]
+            tokens, pos, allowed, pred = prefix_tree_pack([prompts[i] for i in rows], [comps[i] for i in rows])
+            allowed = allowed.to(dev)
             if backbone.config._attn_implementation == "eager":
                 dtype = head.weight.dtype
-                allowed = torch.zeros(S, S, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+                allowed = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
             with self.accelerator.autocast():
                 hidden = backbone(input_ids=torch.tensor([tokens], device=dev), attention_mask=allowed[None, None],
                                   position_ids=torch.tensor([pos], device=dev), use_cache=False).last_hidden_state[0]
-                hidden = hidden[torch.tensor(pred, device=dev)].to(head.weight.device)
-                out = ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, torch.tensor(targets, device=hidden.device),
-                                                   self.temperature, 32768, None, 1.0, outputs)
-            lp_out.append(out[0])
-            if compute_entropy:
-                ent_out.append(out[1])
+            hidden_out.append(hidden[torch.tensor([q for p in pred for q in p], device=dev)])
+            for i, p in zip(rows, pred):
+                targets += comps[i]
+                rows_out += [i] * len(p)
+                cols_out += range(len(p))
+        with self.accelerator.autocast():  # ONE LM-head call for the whole batch: its fixed cost is paid once
+            hidden = torch.cat(hidden_out).to(head.weight.device)
+            out = ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, torch.tensor(targets, device=hidden.device),
+                                               self.temperature, 32768, None, 1.0, outputs)
         index = (torch.tensor(rows_out, device=dev), torch.tensor(cols_out, device=dev))
-        flat = torch.cat(lp_out)
-        logps = flat.new_zeros(R, C).index_put(index, flat)
-        if compute_entropy:
-            flat = torch.cat(ent_out)
-            entropies = flat.new_zeros(R, C).index_put(index, flat)
+        logps = out[0].new_zeros(R, C).index_put(index, out[0])
+        entropies = out[1].new_zeros(R, C).index_put(index, out[1]) if compute_entropy else None
         return logps, entropies, None
 
     def _chunked_logps(self, model, input_ids, attention_mask, logits_to_keep, size, compute_entropy, compute_aux_loss):
@@ -726,7 +778,7 @@ class ERLTrainer(PhaseClock, PackedForward, GRPOTrainer):
                           for t in texts]
                 reflect_prompts = [self._scaffold(prompts[i], args.reflection_system_prompt.format(
                     prompt=t, attempt=_completion_text(completions[i]).strip(), feedback=feedback[i] or "(none)",
-                    reward=f"{r1[i].item():.2f}", memory=m)) for t, i, m in zip(texts, gated, memory)]
+                    reward=f"{r1[i].item():.3g}", memory=m)) for t, i, m in zip(texts, gated, memory)]
                 reflections = self._sample(reflect_prompts, args.reflection_max_new_tokens, args.reflection_temperature,
                                            stop=_ends_line if args.reflection_stop_at_newline else None)
             # phase 4: all retries in one sampler call, from the task and Δ only
@@ -1047,7 +1099,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         results[method] = {k: sum(s.get(k, 0.0) for s in steps) / len(steps) for k in ("seconds", *BENCH_PHASES)}
         for i, s in enumerate(steps):
             if s.get("rows"):
-                print(f"{method} timed step {i + 1}: trained rows {s['rows']}; tokens {s['tokens']}", flush=True)
+                print(f"{method} timed step {i + 1}: {s['seconds']:.2f} s (loss {s.get('loss', 0.0):.2f} s); trained rows "
+                      f"{s['rows']}; tokens {s['tokens']}", flush=True)
     header = f"{'phase (s per step)':<22}" + "".join(f"{m:>10}" for m in results)
     print(header)
     for key in ("seconds", *BENCH_PHASES):

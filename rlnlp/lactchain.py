@@ -5,7 +5,7 @@ trains the actor on best-vs-worst pairs, round after round (collect → SimPO �
 Pipeline (notebook 02 runs it top to bottom):
 
     actor   SmolLM2-135M-Instruct + LoRA (r 8, α 32, q/k/v/o, dropout 0.05). The system turn holds the
-            info text and the rules; the user turn the state; the assistant turn is opened with "Move "
+            info text and the rules; the user turn the state; the assistant turn is opened with "Go "
             and the model writes one move from a small menu, "<n> cells <ahead|behind|left|right>",
             which ``parse_move`` turns into a chain of the grid's two moves (turn left 0–3 times to face
             that way, then n × move forward). Generation stops at the end of the move.
@@ -30,6 +30,18 @@ Why this prompt (measured on the 60 start states, SmolLM2-135M, before any train
     answer is one move from a menu of 12 (1–3 cells × 4 directions), each a chain of up to 6 grid
     moves. Two such moves reach the goal from every start (an L-shaped route), so an episode has a
     budget of ``max_chains`` = 3 chains. See the notebook for the measured rates.
+    The assistant turn is opened with "Go ", not "Move ": with "Move " the greedy answers were only
+    "1|2 cells to the left|right" (7 distinct over the 60 states, 4 of them valid, greedy success 0.57):
+    the model ignored the ahead/behind half of the state. With "Go " it copies either half of the
+    state (10 distinct greedy answers, all valid, 8 distinct chains). Measured alternatives (greedy,
+    60 states): "I move " 4 distinct, "I go " 7, "Walk " 4, "Step " and no prefix 0 valid; other
+    direction words (forward/back) 7 with "Move ", 9 with "Go "; compass answers ("2 cells north",
+    the chain turns from the heading to face that way) 6–7 with "Go ", mostly malformed with "Move ".
+    Copying either half always progresses, so the untrained greedy actor succeeds from (almost) every
+    start, but it mostly names the sideways half first, whose turns cost moves ("right" = three left
+    turns): its first-chain V*-advantage is −2.0 and sampled at T 0.7 (8 per state) success is 0.80,
+    V*-advantage −5.3, parse failures 0.14. What SimPO can learn is which half to go first and to
+    stop producing malformed answers.
 
 What k is. A chain is a macro-action of several per-move transitions, so the discount follows the
 moves: k = the number of moves actually executed (a chain that reaches the goal stops there), and
@@ -84,7 +96,7 @@ class LactChainConfig:
     """Token cap of one answer. A move is ≤ 6 tokens ("2 cells to the right"); generation stops at its end."""
     temperature: float = 0.7
     """Sampling temperature for rollouts, preference data and the sampled evaluation. Measured on the
-    untrained actor over 60 states × 8 samples: at 0.7, 56 % of answers parse (greedy: 84 %); the original sampled at 1.0."""
+    untrained actor over 60 states × 8 episodes: at 0.7, 86 % of the chains parse (greedy: 100 %); the original sampled at 1.0."""
     batch_size: int = 64
     """Rows per generation batch."""
     max_cells: int = 3
@@ -165,8 +177,10 @@ class LactChainConfig:
 # ============================================================================================
 DIRECTIONS = {"ahead": 0, "left": 1, "behind": 2, "right": 3}
 """Each direction of the menu → how many times the actor turns left to face it."""
-ANSWER_PREFIX = "Move "
-"""The assistant turn is opened with this text, so the model's first token is already the move's number."""
+ANSWER_PREFIX = "Go "
+"""The assistant turn is opened with this text, so the model's first token is already the move's number.
+"Go " rather than "Move ": measured on the untrained actor, greedy over the 60 start states, it gives 10
+distinct answers (all valid moves) where "Move " gives 7 (4 valid); see the module docstring."""
 
 
 def rules(env: GridWorld) -> str:
@@ -190,8 +204,10 @@ def _cells(n: int) -> str:
 def state_text(env: GridWorld, state: State) -> str:
     """What the actor reads (and the critic, with the info text): position, heading and the goal seen from the agent.
 
-    The lateral offset is named first ("1 cell to your right and 2 cells behind"): measured, this order
-    gives the most distinct greedy answers of the untrained model.
+    The lateral offset is named first ("1 cell to your right and 2 cells behind"). Measured on the untrained
+    model with the "Go " prefix (greedy, 60 states): lateral first and ahead/behind first both give 10 distinct
+    answers; lateral first starts further from optimal (first-chain V*-advantage −2.0 vs −1.1, since the
+    sideways half costs turns), which leaves SimPO more to learn.
     """
     x, y, o = state
     ahead, right = goal_offset(env, state)

@@ -14,7 +14,7 @@ from trl import GRPOTrainer
 import rlnlp.erl as erl
 from rlnlp.envs import feedback_tasks as ft
 from rlnlp.erl import (ERLConfig, ERLTrainer, deal_rows, erl_advantages, internalization_labels, internalization_loss,
-                       select_rows, should_internalize, should_store, trim_padding)
+                       pack_rows, prefix_tree_pack, select_rows, should_internalize, should_store, trim_padding)
 from rlnlp.models import completion_logprobs, masked_mean
 
 # ---------------------------------------------------------------- feedback tasks (no model)
@@ -413,14 +413,34 @@ def test_split_is_two_trl_calls_with_weight_one(trainer, mixed, monkeypatch):
     assert ours.item() == pytest.approx((terms[0] + terms[1] + l_int).item(), abs=2e-5)
 
 
-def test_packed_forward_equals_trl_forward_and_runs_micro_batches(trainer, mixed):
-    """The packed forward (shared prompt prefix once, rows in one block-masked sequence) gives TRL's per-token
-    log-probs and entropies, and runs ceil(rows / micro-batch size) forward passes of at most that many rows."""
+def test_prefix_tree_pack_shares_prefixes_and_keeps_rows_apart():
+    """Three rows: two share [1, 2], the last two share their whole prompt. Every shared token appears once, each
+    token sees exactly its own row's path, positions are those of the row alone, predictions come from the right
+    places; the packer splits by token budget as the layout counts them."""
+    prompts, comps = [[1, 2, 3], [1, 2, 4], [1, 2, 4]], [[5, 6], [7], [8, 9]]
+    tokens, pos, allowed, pred = prefix_tree_pack(prompts, comps)
+    assert tokens == [1, 2, 3, 5, 4, 8] and pos == [0, 1, 2, 3, 2, 3]
+    assert pred == [[2, 3], [4], [4, 5]]  # row 2 predicts its first token from the prompt token it shares with row 1
+    seen = [set(torch.nonzero(allowed[q]).flatten().tolist()) for q in range(len(tokens))]
+    assert seen == [{0}, {0, 1}, {0, 1, 2}, {0, 1, 2, 3}, {0, 1, 4}, {0, 1, 4, 5}]
+    assert pack_rows(prompts, comps, 6) == [[0, 1, 2]]  # 4 + 1 + 1 tokens
+    assert pack_rows(prompts, comps, 4) == [[0], [1, 2]]  # row 1 would make 5; a new pack restarts its prefix
+    assert pack_rows(prompts, comps, 1) == [[0], [1], [2]]  # a row longer than the budget still gets its own pack
+
+
+def test_packed_forward_equals_trl_forward_and_runs_micro_batches(trainer, mixed, monkeypatch):
+    """The packed forward (shared prompt prefixes once, rows in block-masked sequences) gives TRL's per-token
+    log-probs and entropies; each pass is one sequence of at most micro-batch size × padded width tokens (what TRL's
+    forward holds for that many rows), and the LM head runs once."""
     batch = mixed
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     attn = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
     C, R = batch["completion_ids"].shape[1], ids.shape[0]
     backbone = trainer.model.get_base_model().model if hasattr(trainer.model, "get_base_model") else trainer.model.model
+    from trl.kernels import ChunkedLogProbFunction
+
+    heads, real_apply = [], ChunkedLogProbFunction.apply
+    monkeypatch.setattr(ChunkedLogProbFunction, "apply", lambda *a: heads.append(1) or real_apply(*a))
     widths = []
     hook = backbone.register_forward_pre_hook(lambda m, a, k: widths.append(k["input_ids"].shape), with_kwargs=True)
     try:
@@ -429,12 +449,15 @@ def test_packed_forward_equals_trl_forward_and_runs_micro_batches(trainer, mixed
                                                                     compute_entropy=True)
     finally:
         hook.remove()
+    head_calls = len(heads)
     with torch.no_grad():
         ref_lp, ref_ent, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, attn, C,
                                                                             compute_entropy=True)
     mask = batch["completion_mask"].bool()
-    assert len(widths) == math.ceil(R / 3) and all(w[0] == 1 for w in widths)  # one packed sequence per micro-batch
-    assert sum(w[1] for w in widths) < int(attn.sum())  # shared prefixes were computed once
+    assert all(w[0] == 1 and w[1] <= 3 * ids.shape[1] for w in widths)  # one sequence within the token budget
+    assert len(widths) < math.ceil(R / 3)  # fewer passes than packs of 3 rows
+    assert head_calls == 1  # the LM head once for all packs
+    assert sum(w[1] for w in widths) < int(attn.sum()) - R  # shared prefixes were computed once
     assert torch.allclose(lp[mask], ref_lp[mask], atol=1e-4) and torch.allclose(ent[mask], ref_ent[mask], atol=1e-4)
 
 

@@ -423,6 +423,21 @@ def test_actor_prompt_and_proposals(lora_actor):
 
 
 @pytest.mark.slow
+def test_untrained_actor_reads_the_state(lora_actor):
+    """Greedy over all 60 start states, the untrained actor (LoRA at its zero init) gives ≥ 10 distinct answers,
+    nearly all valid moves (with the old "Move " prefix: 7, 4 of them valid). Runs before the SimPO test trains the adapter."""
+    model = lora_actor.model
+    if any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n):
+        pytest.skip("the shared adapter was already trained by another test")
+    props = lora_actor.propose(lora_actor.env.start_states(), n=1, temperature=0.0)
+    texts = props.samples.texts
+    assert len(texts) == 60
+    assert len(set(texts)) >= 10, sorted(set(texts))
+    assert np.mean([p.ok for p in props.parsed]) >= 0.9
+    assert len({tuple(p.moves) for p in props.parsed if p.ok}) >= 6  # several different chains, not one move in many spellings
+
+
+@pytest.mark.slow
 def test_simpo_raises_margin_on_pairs_from_collect_preferences(lora_actor):
     cfg = dataclasses.replace(lora_actor.cfg, simpo_lr=1e-3, simpo_epochs=4, simpo_batch=4)
     actor = Actor(lora_actor.model, lora_actor.tokenizer, lora_actor.env, cfg)

@@ -256,7 +256,7 @@ SCORERS = {"word_count": score_word_count, "arithmetic": score_arithmetic, "json
            "letters": score_letters, "frozen_lake": score_frozen_lake}
 
 
-CUT_OFF = "Your reply was cut off at the length limit; make it shorter."
+CUT_OFF = "Cut off at the length limit; be shorter."
 
 
 def score(task: str, answer: str, spec: dict | str, truncated: bool = False) -> tuple[float, str]:

@@ -1066,15 +1066,24 @@ def bench_step(cfg: ERLConfig, method: str, steps: int = 1) -> list[dict]:
     return clock.steps
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse with a one-line error (exit status 2) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (usage: {self.prog} --help)\n")
+
+
 def bench_main(argv: Sequence[str] | None = None) -> int:
     """``python -m rlnlp.bench erl``: time ERL and plain GRPO steps at the same config in one process and print
     the ratios and the per-phase breakdown. All start from the same weights and seed, so their first attempts (y1)
     are identical. "grpo-trl" is TRL's GRPOTrainer as it ships; "grpo" the same with ERL's packed forward (the
     notebook's baseline). A warm-up step of each runs first unless ``--no-warmup``."""
-    parser = argparse.ArgumentParser(prog="python -m rlnlp.bench erl", description=bench_main.__doc__)
+    parser = _OneLineErrors(prog="python -m rlnlp.bench erl", description=bench_main.__doc__)
     parser.add_argument("--profile", default="smoke", choices=("smoke", "cpu", "full"), help="ERLConfig preset")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per method (after the warm-up)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up step of each method")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every method this many times, interleaved; the ratio is printed per round and over all")
     parser.add_argument("--algorithm", choices=("joint", "split"), default=None)
     parser.add_argument("--lora-r", type=int, default=None, help="override the preset's LoRA rank (0 = full fine-tuning)")
     parser.add_argument("--methods", default="grpo-trl,grpo,erl", help="comma-separated subset of " + ",".join(METHODS))
@@ -1082,6 +1091,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     if not methods or set(methods) - set(METHODS):
         parser.error(f"--methods: choose from {METHODS}")
+    if args.steps < 1 or args.rounds < 1:
+        parser.error("--steps and --rounds must be ≥ 1")
     overrides = {}
     if args.algorithm:
         overrides["algorithm"] = args.algorithm
@@ -1093,20 +1104,30 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
           f"lora_r {cfg.lora_r}, algorithm {cfg.algorithm}, loss {cfg.loss_type}; torch threads {torch.get_num_threads()}; "
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     warm = 0 if args.no_warmup else 1
-    results = {}
-    for method in methods:
-        steps = bench_step(cfg, method, warm + args.steps)[warm:]
-        results[method] = {k: sum(s.get(k, 0.0) for s in steps) / len(steps) for k in ("seconds", *BENCH_PHASES)}
-        for i, s in enumerate(steps):
-            if s.get("rows"):
-                print(f"{method} timed step {i + 1}: {s['seconds']:.2f} s (loss {s.get('loss', 0.0):.2f} s); trained rows "
-                      f"{s['rows']}; tokens {s['tokens']}", flush=True)
+    steps_of: dict[str, list[dict]] = defaultdict(list)
+    round_ratios: dict[str, list[float]] = defaultdict(list)
+    for r in range(args.rounds):  # rounds interleave the methods: a drift in machine speed hits each of them alike
+        means = {}
+        for method in methods:
+            steps = bench_step(cfg, method, warm + args.steps)[warm:]
+            steps_of[method] += steps
+            means[method] = sum(s["seconds"] for s in steps) / len(steps)
+            for i, s in enumerate(steps):
+                if s.get("rows"):
+                    print(f"round {r + 1}, {method} timed step {i + 1}: {s['seconds']:.2f} s (loss {s.get('loss', 0.0):.2f} s); "
+                          f"trained rows {s['rows']}; tokens {s['tokens']}", flush=True)
+        if "erl" in means:
+            for base in (m for m in means if m != "erl"):
+                round_ratios[base].append(means["erl"] / means[base])
+            print(f"round {r + 1}: " + ", ".join(f"ERL / {b} {v[-1]:.2f}" for b, v in round_ratios.items()), flush=True)
+    results = {m: {k: sum(s.get(k, 0.0) for s in st) / len(st) for k in ("seconds", *BENCH_PHASES)} for m, st in steps_of.items()}
     header = f"{'phase (s per step)':<22}" + "".join(f"{m:>10}" for m in results)
     print(header)
     for key in ("seconds", *BENCH_PHASES):
         print(f"{'step total' if key == 'seconds' else key:<22}" + "".join(f"{results[m][key]:>10.2f}" for m in results))
-    if "erl" in results:
-        for base in (m for m in results if m != "erl"):
-            ratio = results["erl"]["seconds"] / results[base]["seconds"]
-            print(f"ERL step / {base} step = {ratio:.2f} (mean of {args.steps} timed step(s) each, one process)")
+    for base, ratios in round_ratios.items():
+        ratio = results["erl"]["seconds"] / results[base]["seconds"]
+        spread = f"; per round {min(ratios):.2f}–{max(ratios):.2f}" if len(ratios) > 1 else ""
+        print(f"ERL step / {base} step = {ratio:.2f} (mean of {args.rounds} round(s) × {args.steps} timed step(s) each, "
+              f"one process{spread})")
     return 0

@@ -214,3 +214,8 @@ def test_bench_command_line_errors_are_one_line(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "usage" in err and "Traceback" not in err
+    for argv in (["erl", "--steps", "x"], ["erl", "--rounds", "0"], ["erl", "--methods", "nope"], ["erl", "--profile"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and "usage" in err and "Traceback" not in err, err

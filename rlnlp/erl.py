@@ -63,7 +63,7 @@ from trl.data_utils import is_conversational
 from trl.trainer.utils import pad
 
 from .models import position_ids_from_mask, resolve_policy
-from .sampling import sample
+from .sampling import sample, shared_prefix_length
 from .tracking import runs_dir
 
 # Fixed text first (the instruction too), then what all gated samples of a step share (the memory, under recency
@@ -378,13 +378,6 @@ def _completion_text(completion) -> str:
     return completion if isinstance(completion, str) else str(completion[-1]["content"])
 
 
-def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
-    k, n = 0, min(len(a), len(b))
-    while k < n and a[k] == b[k]:
-        k += 1
-    return k
-
-
 def pack_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], budget: int) -> list[list[int]]:
     """Consecutive rows (prompts sorted, completions non-empty) grouped into packs of at most ``budget`` tokens each,
     counted as ``prefix_tree_pack`` lays them out: a row adds the prompt tokens it does not share with the row before
@@ -392,10 +385,12 @@ def pack_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[i
     packs: list[list[int]] = []
     cost = 0
     for k, (p, c) in enumerate(zip(prompts, completions)):
-        add = len(p) - (_lcp(prompts[k - 1], p) if packs and cost else 0) + len(c) - 1
-        if not packs or (cost and cost + add > budget):
+        add = len(p) - (shared_prefix_length(prompts[k - 1], p) if packs else 0) + len(c) - 1
+        if packs and cost + add > budget:  # a new pack shares nothing with the previous one
             packs.append([])
-            add, cost = len(p) + len(c) - 1, 0
+            cost, add = 0, len(p) + len(c) - 1
+        elif not packs:
+            packs.append([])
         packs[-1].append(k)
         cost += add
     return packs
@@ -418,7 +413,7 @@ def prefix_tree_pack(prompts: Sequence[Sequence[int]], completions: Sequence[Seq
     prev_prompt: Sequence[int] = ()
     prev_idx: list[int] = []
     for p, c in zip(prompts, completions):
-        shared = _lcp(prev_prompt, p)
+        shared = shared_prefix_length(prev_prompt, p)
         idx = prev_idx[:shared]
         for k in range(shared, len(p)):
             idx.append(len(tokens))

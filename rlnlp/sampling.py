@@ -535,15 +535,20 @@ SHARE_PROMPT_PREFILL = True
 reference path the tests compare against)."""
 
 
+def shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    k, n = 0, min(len(a), len(b))
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
+
+
 def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     """Length of the longest common prefix, leaving at least one token of every sequence as its suffix."""
     first = seqs[0]
     L = min(len(s) for s in seqs) - 1
     for s in seqs[1:]:
-        k = 0
-        while k < L and s[k] == first[k]:
-            k += 1
-        L = k
+        L = min(L, shared_prefix_length(first, s))
     return max(L, 0)
 
 

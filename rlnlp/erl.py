@@ -1072,7 +1072,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     """``python -m rlnlp.bench erl``: time ERL and plain GRPO steps at the same config in one process and print
     the ratios and the per-phase breakdown. All start from the same weights and seed, so their first attempts (y1)
     are identical. "grpo-trl" is TRL's GRPOTrainer as it ships; "grpo" the same with ERL's packed forward (the
-    notebook's baseline). A warm-up step of each runs first unless ``--no-warmup``."""
+    notebook's baseline). A warm-up step of each runs first unless ``--no-warmup``; with ``--rounds`` the methods run
+    in reverse order every other round (the first trainer of a process ran up to 1.6× slower in earlier runs)."""
     parser = _OneLineErrors(prog="python -m rlnlp.bench erl", description=bench_main.__doc__)
     parser.add_argument("--profile", default="smoke", choices=("smoke", "cpu", "full"), help="ERLConfig preset")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per method (after the warm-up)")
@@ -1103,7 +1104,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     round_ratios: dict[str, list[float]] = defaultdict(list)
     for r in range(args.rounds):  # rounds interleave the methods: a drift in machine speed hits each of them alike
         means = {}
-        for method in methods:
+        for method in methods if r % 2 == 0 else methods[::-1]:  # every other round in reverse: no method always first
             steps = bench_step(cfg, method, warm + args.steps)[warm:]
             steps_of[method] += steps
             means[method] = sum(s["seconds"] for s in steps) / len(steps)

@@ -207,6 +207,31 @@ def test_n_samples_with_a_seed_are_reproducible(policy):
     assert run(8).texts != a.texts
 
 
+def test_small_batch_linear_is_the_same_layer(policy, monkeypatch):
+    """Decoding steps on a CPU go through ``(W @ xᵀ)ᵀ``: the same products as ``F.linear`` (bias included), used
+    for one-token-per-row inputs only, and removed from the model after the call."""
+    import rlnlp.sampling as sampling
+
+    layer = torch.nn.Linear(16, 5)
+    for shape in [(3, 1, 16), (2, 7, 16), (1, 16)]:
+        x = torch.randn(*shape)
+        assert torch.allclose(sampling._small_batch_linear(layer, x), layer(x), atol=1e-6)
+    model, tok = policy
+    calls = []
+    original = sampling._small_batch_linear
+    monkeypatch.setattr(sampling, "_small_batch_linear",
+                        lambda self, x: calls.append(tuple(x.shape[:-1])) or original(self, x))
+    prompts = ["Say hi.", "Write a short poem about the rain in the city."]
+    s = sample(model, tok, prompts, n=2, max_new_tokens=8, temperature=0.0)
+    tokens_per_row = {c[-1] for c in calls}
+    assert 1 in tokens_per_row and max(tokens_per_row) > 1  # every linear of prefill and decode steps is routed
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the patch does not outlive the call
+    monkeypatch.setattr(sampling, "SMALL_BATCH_ROWS", 0)  # F.linear everywhere: the reference
+    ref = sample(model, tok, prompts, n=2, max_new_tokens=8, temperature=0.0)
+    assert torch.equal(s.completion_ids, ref.completion_ids)
+    assert (s.logprobs - ref.logprobs).abs().max() < 1e-4
+
+
 def test_bench_command_line_errors_are_one_line(capsys):
     from rlnlp.bench import main
 

@@ -34,14 +34,16 @@ def results_dir(prof: str | None = None) -> Path:
     return visualizations_dir() / "results" / active_profile(prof)
 
 
-def git_commit() -> str:
-    """The short commit of the repository this package lives in, ``+dirty`` when the tree has changes."""
-    root = Path(__file__).resolve().parent.parent
+def git_commit(root: Path | None = None) -> str:
+    """The short commit of the repository this package lives in, ``+dirty`` when the tree has changes outside
+    ``visualizations/`` (the figures and results files a running notebook writes are not what it ran from)."""
+    root = root or Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)visualizations"], cwd=root, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (sha or "unknown") + ("+dirty" if dirty and sha else "")

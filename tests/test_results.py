@@ -85,3 +85,24 @@ def test_scoreboard_pluralises_the_noun_before_a_parenthesis():
     assert units("held-out route", 64) == "held-out routes"
     assert units("held-out route", 1) == "held-out route"
     assert units("start states", 60) == "start states"
+
+
+def test_commit_is_dirty_only_for_changes_outside_the_notebooks_outputs(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "visualizations").mkdir()
+    (tmp_path / "visualizations" / "fig.png").write_text("a")
+    (tmp_path / "code.py").write_text("a")
+    git("add", ".")
+    git("commit", "-qm", "x")
+    clean = results.git_commit(tmp_path)
+    assert clean and "+dirty" not in clean and clean != "unknown"
+    (tmp_path / "visualizations" / "fig.png").write_text("b")  # what a running notebook writes
+    assert results.git_commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("b")
+    assert results.git_commit(tmp_path) == clean + "+dirty"

@@ -409,11 +409,12 @@ def _uses_shared_kv(model) -> bool:
 
 
 SMALL_BATCH_ROWS = 64
-"""On a CPU, a linear layer applied to at most this many rows computes ``(W @ xᵀ)ᵀ`` instead of ``x @ Wᵀ``: MKL's
-small-M kernel for the transposed weight runs at a fraction of the memory bandwidth, so each decoding step of the
-135M policy costs ~2× what the weights' size says (measured 2026-12-03 on a 2-core AMD EPYC, fp32: 3 rows through
-the 49152 × 576 LM head 39 ms vs 17 ms, through the 1536 × 576 MLP projection 0.83 vs 0.44 ms; the two are within
-noise of each other from 16 to 64 rows). Same products, summed in another order (≤ 1e-6 apart)."""
+"""On a CPU, a linear layer applied to one token in each of at most this many rows (a decoding step, and the LM
+head on the prompts' last positions) computes ``(W @ xᵀ)ᵀ`` instead of ``x @ Wᵀ``: MKL's kernel for a few rows
+against the transposed weight runs far below the memory bandwidth (measured 2026-12-03 on a 2-core AMD EPYC, fp32,
+3 rows: the 49152 × 576 LM head 39 ms vs 17 ms, the 1536 × 576 MLP projection 0.83 vs 0.44 ms; ``(W @ xᵀ)ᵀ`` was as
+fast or faster in all but 2 of the 36 shapes × row counts tried from 1 to 64 rows, and those within 0.1 ms).
+Same products, summed in another order (≤ 1e-6 apart). 0 turns it off."""
 
 
 def _small_batch_linear(self, x):

@@ -307,13 +307,18 @@ def test_training_loop_normalises_over_the_whole_rollout_and_stops_at_the_kl_tar
 def test_the_best_policy_is_a_snapshot_not_the_live_agent():
     """When the best greedy pass came before the last update, the kept policy must be that earlier one
     (tried: keeping ``agent.state_dict()`` without a copy makes it the live agent and this test fails)."""
-    torch.manual_seed(0)
     cfg = small_cfg(maze_length=2, maze_held_out=0.0, num_envs=16, num_steps=4, lr=1e-2, eval_every=1,
                     target_kl=None, anneal_lr=False)
     enc = FakeEncoder()
     task = A.maze_task(cfg)
-    run = A.train(task, cfg, enc, updates=12, run_name="test_alectors_best_snapshot")
-    assert run.best_update < 11, "precondition: this seed's best pass is not the last one"
+    for seed in range(6):  # the first seed whose best greedy pass beats its last one (float rounding differs by CPU)
+        torch.manual_seed(seed)
+        run = A.train(task, cfg, enc, updates=12, run_name="test_alectors_best_snapshot")
+        success = run.evals["training routes/success"]
+        if success.max() > success.iloc[-1]:
+            break
+    else:
+        pytest.fail("precondition: no seed of 0-5 had its best greedy pass before the last one")
     row = run.evals[run.evals["update"] == run.best_update].iloc[0]
     again = A.evaluate_units(A.agent_policy(run.best, enc), task, task.eval_sets["training routes"])
     assert again["success"].mean() == row["training routes/success"] > run.evals["training routes/success"].iloc[-1]

@@ -159,11 +159,12 @@ def test_act_cuts_utterances_at_split_and_done(policy):
     # done_fn mid-utterance: a reply that reaches "best programming language is X." is cut right there
     primed = obs + "The best programming language is"
     u = act(model, tok, env, [primed] * 4, cfg, seed=1)
-    for text in u.texts:
-        full = primed + text
-        if env.task.done(full, 0):
-            cut = text.removesuffix(tok.eos_token)
-            assert not env.task.done(primed + cut[:-1], 0)  # one character earlier it was not done yet
+    s = u.samples
+    for i, text in enumerate(u.texts):
+        if env.task.done(primed + text, 0):  # one token earlier it was not done yet (a token may be ".\n")
+            n = int(s.completion_mask[i].sum())
+            before = tok.decode(s.completion_ids[i, : n - 1], skip_special_tokens=True)
+            assert not env.task.done(primed + before, 0)
 
 
 # ---- critic math ------------------------------------------------------------------------------------

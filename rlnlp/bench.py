@@ -2,6 +2,7 @@
 
     sampler   rlnlp.sample vs transformers' model.generate on the same prompts and budget
     erl       the ERL trainer's benchmark (rlnlp.erl.bench_main)
+    erl-seeds notebook 05's ERL vs GRPO comparison at other seeds (rlnlp.erl.seeds_main)
 
 Run them on an idle machine (``/work/bin/cpuslot --both python -m rlnlp.bench sampler`` here) and
 quote the date, the machine and the thread count with the numbers.
@@ -148,7 +149,13 @@ def erl_main(argv: list[str]) -> int:
     return int(main(argv) or 0)
 
 
-SUITES = {"sampler": sampler_main, "erl": erl_main}
+def erl_seeds_main(argv: list[str]) -> int:
+    from .erl import seeds_main
+
+    return int(seeds_main(argv) or 0)
+
+
+SUITES = {"sampler": sampler_main, "erl": erl_main, "erl-seeds": erl_seeds_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1127,3 +1127,57 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         print(f"ERL step / {base} step = {ratio:.2f} (mean of {args.rounds} round(s) × {args.steps} timed step(s) each, "
               f"one process{spread})")
     return 0
+
+
+def seeds_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rlnlp.bench erl-seeds --seeds 1 2 3``: notebook 05's comparison at other seeds. Per seed: ERL for
+    the preset's steps, then GRPO for at most 6× as many steps or ERL's training seconds, whichever ends first (the
+    notebook's protocol, same evaluation steps); greedy accuracy on the same held-out prompts, paired 95% intervals
+    of GRPO − untrained, ERL − untrained and ERL − GRPO at equal steps and at equal time. Prints one table row per
+    seed as it ends; ``--jsonl FILE`` also appends each row there. The untrained policy is evaluated once."""
+    import json
+
+    from .envs import feedback_tasks as ft
+    from .models import load_policy
+    from .runtime import seed_everything
+    from .stats import paired_difference
+
+    parser = _OneLineErrors(prog="python -m rlnlp.bench erl-seeds", description=seeds_main.__doc__)
+    parser.add_argument("--seeds", type=int, nargs="+", required=True, help="one or more integer seeds")
+    parser.add_argument("--profile", default="cpu", choices=("smoke", "cpu", "full"), help="ERLConfig preset")
+    parser.add_argument("--jsonl", default=None, help="append one JSON line per seed to this file")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.jsonl and not Path(args.jsonl).parent.is_dir():
+        parser.error(f"--jsonl: folder {str(Path(args.jsonl).parent)!r} does not exist")
+    untrained = None
+    cols = ("GRPO − untrained", "ERL − untrained", "ERL − GRPO (equal steps)", "ERL − GRPO (equal time)")
+    print(f"{'seed':>4} {'ERL s':>6} {'GRPO steps':>10} | " + " | ".join(f"{c:<24}" for c in cols), flush=True)
+    for seed in args.seeds:
+        cfg = getattr(ERLConfig, args.profile)(seed=seed)
+        cfg.output_dir = str(Path(cfg.output_dir) / f"seed{seed}")
+        seed_everything(seed)
+        eval_rows = ft.read_rows("eval", cfg.tasks)[: cfg.eval_size]
+        if untrained is None:
+            model, tokenizer = load_policy()
+            untrained = evaluate(model, tokenizer, eval_rows, max_new_tokens=cfg.max_completion_length)
+            del model
+        erl = train_run(cfg, "erl", eval_rows=eval_rows, eval_steps=[cfg.max_steps // 2])
+        n = erl.trainer.state.global_step
+        grpo = train_run(cfg, "grpo", eval_rows=eval_rows, eval_steps=[n // 2, n], max_steps=6 * cfg.max_steps,
+                         seconds=erl.train_seconds)
+        equal_steps = next(e for e in grpo.evals if e["step"] == n)
+        equal_time, erl_final = grpo.evals[-1], erl.evals[-1]
+        diffs = [paired_difference(a["success"], b["success"]) for a, b in
+                 ((equal_time, untrained), (erl_final, untrained), (erl_final, equal_steps), (erl_final, equal_time))]
+        print(f"{seed:>4} {erl.train_seconds:>6.0f} {equal_time['step']:>10} | "
+              + " | ".join(f"{str(d) + ' ' + d.verdict():<24}" for d in diffs), flush=True)
+        if args.jsonl:
+            row = {"seed": seed, "profile": args.profile, "task": cfg.tasks[0], "n": erl_final["n"], "erl_steps": n,
+                   "erl_train_seconds": erl.train_seconds, "grpo_steps_equal_time": equal_time["step"],
+                   "accuracy": {"untrained": untrained["accuracy"], "erl": erl_final["accuracy"],
+                                "grpo_equal_steps": equal_steps["accuracy"], "grpo_equal_time": equal_time["accuracy"]},
+                   "differences": {c: [d.estimate, d.low, d.high, d.verdict()] for c, d in zip(cols, diffs)},
+                   "date": time.strftime("%Y-%m-%d %H:%M")}
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return 0

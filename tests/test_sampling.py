@@ -232,14 +232,22 @@ def test_small_batch_linear_is_the_same_layer(policy, monkeypatch):
     assert (s.logprobs - ref.logprobs).abs().max() < 1e-4
 
 
-def test_bench_command_line_errors_are_one_line(capsys):
+def test_bench_command_line_errors_are_one_line(capsys, monkeypatch):
+    import rlnlp.models
     from rlnlp.bench import main
+
+    def no_run(*a, **k):
+        raise AssertionError("a bad argument reached the run")
+
+    monkeypatch.setattr(rlnlp.models, "load_policy", no_run)  # an erl-seeds argument error must stop before any work
 
     for argv in (["sampler", "--case", "z"], ["sampler", "--repeat", "0"], ["sampler", "--case"], ["nope"], []):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "usage" in err and "Traceback" not in err
-    for argv in (["erl", "--steps", "x"], ["erl", "--rounds", "0"], ["erl", "--methods", "nope"], ["erl", "--profile"]):
+    for argv in (["erl", "--steps", "x"], ["erl", "--rounds", "0"], ["erl", "--methods", "nope"], ["erl", "--profile"],
+                 ["erl-seeds"], ["erl-seeds", "--seeds", "one"], ["erl-seeds", "--seeds", "1", "--profile", "gpu"],
+                 ["erl-seeds", "--seeds", "1", "--jsonl", "/no/such/folder/x.jsonl"]):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         err = capsys.readouterr().err

@@ -1018,6 +1018,16 @@ def train_run(cfg: ERLConfig, method: str = "erl", *, eval_rows: Sequence[dict] 
     return RunResult(method, trainer, history, seconds_trained, evals)
 
 
+def grpo_at_erl_budget(cfg: ERLConfig, erl: RunResult, eval_rows: Sequence[dict]) -> tuple[RunResult, dict, dict]:
+    """Notebook 05's baseline for an ERL run: plain GRPO from the same start for ERL's training seconds (at most 6×
+    its steps), evaluated at half and all of ERL's steps. Returns (the GRPO run, its evaluation at ERL's step count
+    = equal steps, its last evaluation = equal time)."""
+    n = erl.trainer.state.global_step
+    grpo = train_run(cfg, "grpo", eval_rows=eval_rows, eval_steps=[n // 2, n], max_steps=6 * cfg.max_steps,
+                     seconds=erl.train_seconds)
+    return grpo, next(e for e in grpo.evals if e["step"] == n), grpo.evals[-1]
+
+
 # ----------------------------------------------------------------------------------------------
 # the benchmark: one ERL step vs one GRPO step at the same config, in one process
 
@@ -1139,7 +1149,6 @@ def seeds_main(argv: Sequence[str] | None = None) -> int:
 
     from .envs import feedback_tasks as ft
     from .models import load_policy
-    from .runtime import seed_everything
     from .stats import paired_difference
 
     parser = _OneLineErrors(prog="python -m rlnlp.bench erl-seeds", description=seeds_main.__doc__)
@@ -1155,18 +1164,14 @@ def seeds_main(argv: Sequence[str] | None = None) -> int:
     for seed in args.seeds:
         cfg = getattr(ERLConfig, args.profile)(seed=seed)
         cfg.output_dir = str(Path(cfg.output_dir) / f"seed{seed}")
-        seed_everything(seed)
         eval_rows = ft.read_rows("eval", cfg.tasks)[: cfg.eval_size]
         if untrained is None:
             model, tokenizer = load_policy()
             untrained = evaluate(model, tokenizer, eval_rows, max_new_tokens=cfg.max_completion_length)
             del model
         erl = train_run(cfg, "erl", eval_rows=eval_rows, eval_steps=[cfg.max_steps // 2])
-        n = erl.trainer.state.global_step
-        grpo = train_run(cfg, "grpo", eval_rows=eval_rows, eval_steps=[n // 2, n], max_steps=6 * cfg.max_steps,
-                         seconds=erl.train_seconds)
-        equal_steps = next(e for e in grpo.evals if e["step"] == n)
-        equal_time, erl_final = grpo.evals[-1], erl.evals[-1]
+        _, equal_steps, equal_time = grpo_at_erl_budget(cfg, erl, eval_rows)
+        erl_final, n = erl.evals[-1], erl.trainer.state.global_step
         diffs = [paired_difference(a["success"], b["success"]) for a, b in
                  ((equal_time, untrained), (erl_final, untrained), (erl_final, equal_steps), (erl_final, equal_time))]
         print(f"{seed:>4} {erl.train_seconds:>6.0f} {equal_time['step']:>10} | "

@@ -1,4 +1,4 @@
-"""alectors (spec 01): a PPO agent that reads the state.
+"""alectors (notebook 01): a PPO agent that reads the state.
 
 The environment describes its state in a sentence; a frozen pretrained encoder (MiniLM by default)
 turns the sentence into token embeddings; an ordinary actor–critic learns from them with PPO.
@@ -8,7 +8,7 @@ No language model is fine-tuned: the agent learns to act from language.
         actor:  Linear → 2 transformer blocks → masked attention pooling → LayerNorm → Linear → logits (B, A)
         critic: the same shape, its own weights                                     → value  (B,)
 
-What differs from the original (see the spec's table): the pooling is a real softmax over the
+What differs from the original alectors code: the pooling is a real softmax over the
 tokens with padding masked (the original's softmax ran over a size-1 axis, so every weight was 1);
 the PPO loss has its minus sign; GAE resets at episode ends (shared ``rlnlp.returns.gae``); the
 value loss compares (B,) with (B,). PPO is kept from collapsing once a task is solved by a KL

@@ -1,4 +1,4 @@
-"""LactChain (spec 02): an LM actor proposes chains of moves, an embedding critic learns state values by
+"""LactChain (notebook 02): an LM actor proposes chains of moves, an embedding critic learns state values by
 Monte-Carlo, then a judge (the critic, or exact V* as an oracle) ranks the actor's proposals and SimPO
 trains the actor on best-vs-worst pairs, round after round (collect → SimPO → collect).
 

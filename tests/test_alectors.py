@@ -1,4 +1,4 @@
-"""alectors (spec 01): PPO direction and clipping, the KL target and whole-rollout normalisation inside the
+"""alectors (notebook 01): PPO direction and clipping, the KL target and whole-rollout normalisation inside the
 training loop, padding-blind pooling, GAE resets through the rollout path, route split, exact evaluation."""
 import itertools
 import random

@@ -1,4 +1,4 @@
-"""Attention-guided RL (spec 03, issue 14): the selector's math by hand, the reward by hand, the selection-only
+"""Attention-guided RL (notebook 03): the selector's math by hand, the reward by hand, the selection-only
 cache against the uncached path, gradients into the last layer's q/k LoRA, a toy problem that must be learned,
 the full loop's mechanics, checkpoint / resume, the command line."""
 import itertools

@@ -1,4 +1,4 @@
-"""ERL (spec 05, issue 16): the feedback tasks; the gate, two sampler calls per step and what they are fed;
+"""ERL (notebook 05): the feedback tasks; the gate, two sampler calls per step and what they are fed;
 the memory and internalization rules; the loss is ONE TRL pass over y1 + Δ + y2 (every loss type, entropy
 bonus on) plus the internalization term; the rows decode to the prompts they claim; a tiny train() with
 num_iterations=2, β > 0, steps_per_generation=2 and PEFT; the seed README's quick start."""

@@ -1,4 +1,4 @@
-"""LactChain (spec 02): grid dynamics, exact values, the move parser, advantages, Monte-Carlo targets with
+"""LactChain (notebook 02): grid dynamics, exact values, the move parser, advantages, Monte-Carlo targets with
 bootstrapping, the critic fit, preferences (row → state, V(s) vs V(s′), failures last), episodes, the
 evaluation over start states, SimPO's loss, and SimPO on real pairs from the pipeline."""
 import dataclasses

@@ -77,7 +77,7 @@ def test_select_and_concat_round_trip_through_rescoring(policy):
     assert both.select([0]).prompt_mask.all()  # one row alone keeps no left-padding column
 
 
-# --- issue 11: one prefill per distinct prompt, shared-prefix reuse, incremental stops ------------------------------
+# --- one prefill per distinct prompt, shared-prefix reuse, incremental stops ------------------------------
 
 def _rescored(model, s, temperature=1.0):
     with torch.no_grad():

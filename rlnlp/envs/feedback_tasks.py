@@ -1,4 +1,4 @@
-"""Single-turn tasks with a reward in [0, 1] AND a feedback sentence saying what was wrong (spec 05).
+"""Single-turn tasks with a reward in [0, 1] AND a feedback sentence saying what was wrong (ERL, notebook 05).
 
 ERL needs both signals: the reward drives the policy gradient, the feedback is what the model
 reflects on. Five task families; the untrained 135M policy's base rates are in data/erl/README.md

@@ -1,4 +1,4 @@
-"""The 4×4 grid world of LactChain (spec 02), fixed, with exact values; spec 01 renders it in words.
+"""The 4×4 grid world of LactChain (notebook 02), fixed, with exact values; alectors (notebook 01) renders it in words.
 
 State (x, y, o): position and orientation, o = 0 up (y−1), 1 right (x+1), 2 down (y+1), 3 left (x−1).
 Moves: "move forward", "turn left" (o−1 mod 4) and, when enabled, "turn right" (o+1 mod 4).

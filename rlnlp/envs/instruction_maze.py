@@ -1,4 +1,4 @@
-"""The instruction maze (spec 01): the original alectors demo sentence made into a task.
+"""The instruction maze (notebook 01): the original alectors demo sentence made into a task.
 
 Each episode draws a random route of ``length`` moves over a vocabulary (default Up/Down/Left/Right)
 and says it in words:

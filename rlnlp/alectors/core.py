@@ -35,15 +35,15 @@ import torch
 import torch.nn as nn
 from torch.distributions import Categorical
 
-from .envs.base import TextEnv, VecEnv
-from .envs.gridworld import GridWorld, policy_evaluation, success_probability, value_iteration
-from .envs.instruction_maze import DEFAULT_MOVES, InstructionMaze, split_routes
-from .losses import normalize, ppo_clip_loss, value_loss
-from .models import TextEncoder
-from .returns import gae
-from .runtime import device as default_device
-from .stats import Interval, bootstrap, spearman
-from .tracking import Tracker, progress
+from ..envs.base import TextEnv, VecEnv
+from ..envs.gridworld import GridWorld, policy_evaluation, success_probability, value_iteration
+from ..envs.instruction_maze import DEFAULT_MOVES, InstructionMaze, split_routes
+from ..losses import normalize, ppo_clip_loss, value_loss
+from ..models import TextEncoder
+from ..returns import gae
+from ..runtime import device as default_device
+from ..stats import Interval, bootstrap, spearman
+from ..tracking import Tracker, progress
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +419,9 @@ def ppo_update(agent: Alector, optimizers: tuple[torch.optim.Optimizer, torch.op
     """Up to cfg.epochs passes of clipped PPO over one flattened rollout; the KL target stops the actor early.
 
     emb (U, T, E), mask (U, T): the distinct states; index (B,) maps each sample to its state's row
-    (None: one row per sample, U = B). actions, old_logp, advantages, returns, old_values (B,), values
+    (None: one row per sample, U = B). They are only ever indexed by rows (``emb[rows], mask[rows]``) and
+    handed to ``agent.actor`` and ``agent.scaled_value``, so an agent whose states are richer than token
+    embeddings passes its own row-indexable batch (the TextWorld agent: state tokens plus the command menu). actions, old_logp, advantages, returns, old_values (B,), values
     in scaled units. optimizers: (actor's, critic's), see :func:`make_optimizers`. The advantages are
     used AS GIVEN (the training loop normalises them over the whole rollout).
 

@@ -45,7 +45,7 @@ class LMPolicyConfig:
     """The game family (the same as the encoder agent's, so the two share held-out games)."""
     train_games: int = 40
     """Training games (seeds 0..train_games−1 of the family)."""
-    held_out_games: int = 12
+    held_out_games: int = 6
     """Held-out games evaluated before and after training (the first of the encoder agent's held-out games)."""
     max_steps: int = 20
     """Step cap per episode."""
@@ -57,8 +57,10 @@ class LMPolicyConfig:
     """Adam learning rate of the LoRA adapter."""
     lora_r: int = 8
     """LoRA rank (attention projections)."""
-    updates: int = 6
-    """Policy-gradient updates."""
+    updates: int = 2
+    """Policy-gradient updates. Measured (2026-12-06, one contended CPU thread): a decision costs ~0.5 s to sample
+    (menus of ~4 commands, 4 prompts per batch) and an update of 3 episodes ≤ 10 steps took 18 s; all 3 were lost
+    at that cap (the untrained LM won 0 of 4 held-out games in 10 steps), so the cap stays at the family's 20."""
     episodes_per_update: int = 4
     """Episodes (one per training game, played side by side) in each update."""
     state_batch: int = 8
@@ -71,7 +73,7 @@ class LMPolicyConfig:
 
     @classmethod
     def cpu(cls) -> "LMPolicyConfig":
-        """The defaults: a small budget (6 updates of 4 episodes), ~4 minutes on a shared 2-core CPU."""
+        """The defaults: a small budget (2 updates of 4 episodes, 6 held-out games), ~4 minutes on a shared 2-core CPU."""
         return cls()
 
     @classmethod

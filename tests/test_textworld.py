@@ -133,7 +133,7 @@ def test_unknown_family_or_setting_is_one_line():
 
 
 def test_without_textworld_every_entry_point_says_so_in_one_line(monkeypatch, coin_game):
-    """Mutation seen to fail: TextWorldEnv not calling require_textworld (it then fails later, on textworld=None)."""
+    """Mutation seen to fail: TextWorldEnv importing textworld without require_textworld (no error at all here)."""
     monkeypatch.setattr(tw, "AVAILABLE", False)
     for call in (lambda: tw.TextWorldEnv([coin_game]), lambda: COIN.parsed_settings()):
         with pytest.raises(tw.TextWorldMissing) as err:

@@ -42,6 +42,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -292,7 +293,9 @@ class TextWorldEnv:
             infos = textworld.EnvInfos(admissible_commands=True, score=True, max_score=True, won=True, lost=True,
                                        description=True, inventory=True, objective=True)
             try:
-                self._envs[path] = textworld.start(str(path), request_infos=infos)
+                with warnings.catch_warnings():  # jericho does not know TextWorld's games; TextWorld keeps the score itself
+                    warnings.filterwarnings("ignore", message=".*not fully supported")
+                    self._envs[path] = textworld.start(str(path), request_infos=infos)
             except Exception as err:  # noqa: BLE001 — any failure to load is the file's fault: name it
                 raise GameFileError(f"{path}: not a playable TextWorld game ({_first_line(err)})") from None
         return self._envs[path]
@@ -316,7 +319,9 @@ class TextWorldEnv:
             self.game = check_game(game)
         self._env = self._open(self.game)
         try:
-            state = self._env.reset()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*not fully supported")
+                state = self._env.reset()
         except Exception as err:  # noqa: BLE001
             raise GameFileError(f"{self.game}: not a playable TextWorld game ({_first_line(err)})") from None
         self.moves, self.done = 0, False

@@ -6,12 +6,14 @@ import copy
 import functools
 import json
 import math
+from collections import defaultdict
 
 import pytest
 import torch
 from trl import GRPOTrainer
 
 import rlnlp.erl as erl
+import rlnlp.erl.trainer as erl_trainer
 from rlnlp.envs import feedback_tasks as ft
 from rlnlp.erl import (ERLConfig, ERLTrainer, deal_rows, erl_advantages, internalization_labels, internalization_loss,
                        pack_rows, prefix_tree_pack, select_rows, should_internalize, should_store, trim_padding)
@@ -199,7 +201,8 @@ def _config(tmp, **kw):
 
 
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
+def base_trainer(tmp_path_factory):
+    """Built once per module (loading the model is the slow part); tests get fresh copies of it (``trainer``)."""
     from rlnlp.models import load_policy
 
     model, tok = load_policy(device="cpu", dtype=torch.float32)
@@ -213,11 +216,30 @@ def trainer(tmp_path_factory):
     return t
 
 
+def _fresh(base):
+    """A copy of the module's trainer whose per-run state — memory, examples, metrics, feedback function, chat
+    template, scripted rewards — starts empty, so no test sees what another left behind (the model, tokenizer and
+    accelerator are shared: no test changes their weights, and those that change the tokenizer restore it)."""
+    t = copy.copy(base)
+    t.memory = erl.ReflectionMemory(t.args.memory_size, t.args.memory_retrieval)
+    t.examples = []
+    t._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    t.feedback_func, t.chat_template, t.chat_template_kwargs = ft.feedback_func, None, {}
+    t.scripted.first, t.scripted.retry, t.scripted.calls, t.scripted.lengths = None, 1.0, 0, []
+    return t
+
+
+@pytest.fixture
+def trainer(base_trainer):
+    return _fresh(base_trainer)
+
+
 def _step(trainer, first, monkeypatch, inputs=None):
     """One ERL generation phase with scripted y1 rewards; returns (batch, sampler calls as (prompts, kwargs))."""
     calls = []
-    real = erl.sample
-    monkeypatch.setattr(erl, "sample", lambda *a, **k: calls.append((list(a[2]), k)) or real(*a, **k))
+    real = erl_trainer.sample
+    # patched where ERLTrainer looks it up: patched on rlnlp.erl instead, no call is seen and the gate test fails
+    monkeypatch.setattr(erl_trainer, "sample", lambda *a, **k: calls.append((list(a[2]), k)) or real(*a, **k))
     trainer.scripted.first, trainer.scripted.calls, trainer.scripted.lengths = first, 0, []
     ds = trainer.train_dataset
     inputs = inputs or [ds[0], ds[0], ds[1], ds[1]]
@@ -227,8 +249,10 @@ def _step(trainer, first, monkeypatch, inputs=None):
 
 
 @pytest.fixture(scope="module")
-def mixed(trainer):
-    """One generation batch holding all four parts: y1 rows 1 and 3 gated, both retries score 1 (internalized)."""
+def mixed(base_trainer):
+    """One generation batch holding all four parts: y1 rows 1 and 3 gated, both retries score 1 (internalized);
+    built by a fresh copy (empty memory), whichever tests ran before."""
+    trainer = _fresh(base_trainer)
     trainer.scripted.first, trainer.scripted.calls, trainer.scripted.lengths = [1.0, 0.0, 1.0, 0.0], 0, []
     ds = trainer.train_dataset
     trainer.examples.clear()
@@ -271,7 +295,7 @@ def test_feedback_func_none_works(trainer, monkeypatch):
 
 
 def test_reward_functions_see_unpadded_completion_ids(trainer, monkeypatch):
-    real = erl.sample
+    real = erl_trainer.sample
 
     def first_retry_is_short(*a, **k):  # cut the first retry to 2 tokens so the lengths differ from the padded width
         s = real(*a, **k)
@@ -279,7 +303,7 @@ def test_reward_functions_see_unpadded_completion_ids(trainer, monkeypatch):
             s.completion_mask[0, 2:] = 0
         return s
 
-    monkeypatch.setattr(erl, "sample", first_retry_is_short)
+    monkeypatch.setattr(erl_trainer, "sample", first_retry_is_short)
     batch, _ = _step(trainer, [0.0, 0.0, 0.0, 0.0], monkeypatch)
     y1_lengths, retry_lengths = trainer.scripted.lengths
     part, mask = batch["erl_part"], batch["completion_mask"]
@@ -348,7 +372,7 @@ LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vesp
 
 
 @pytest.fixture(scope="module")
-def trl_reference(trainer, mixed):
+def trl_reference(base_trainer, mixed):
     """TRL's own forward (unchunked, every GRPO row padded together) over the mixed batch's y1 + Δ + y2 rows, and
     the internalization term: computed once, they do not depend on the loss type."""
     part = mixed["erl_part"]
@@ -358,9 +382,9 @@ def trl_reference(trainer, mixed):
     attn = torch.cat([rows["prompt_mask"], rows["completion_mask"]], 1)
     r = part == 3
     with torch.no_grad():
-        forward = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, attn,
+        forward = GRPOTrainer._get_per_token_logps_and_entropies(base_trainer, base_trainer.model, ids, attn,
                                                                  rows["completion_ids"].shape[1], compute_entropy=True)
-        l_int, _ = internalization_loss(trainer.model, mixed["prompt_ids"][r], mixed["prompt_mask"][r],
+        l_int, _ = internalization_loss(base_trainer.model, mixed["prompt_ids"][r], mixed["prompt_mask"][r],
                                         mixed["completion_ids"][r], mixed["completion_mask"][r], mixed["erl_items_int"])
     return rows, forward, l_int
 

@@ -309,6 +309,7 @@ class TwentyQuestions:
         self.chat = not prefill
         self.secret: dict = {}
         self.history: list[tuple[str, str]] = []
+        self.facts: list[tuple[str, bool]] = []  # (meaning, the table's answer) for each answered question
         self.done = True
 
     def clone(self) -> "TwentyQuestions":
@@ -343,17 +344,78 @@ class TwentyQuestions:
 
     def reset(self, seed: int | None = None) -> str:
         self.secret = random.Random(seed).choice(self.pool)
-        self.history, self.done = [], False
+        self.history, self.facts, self.done = [], [], False
         return self.observation()
 
     def state(self) -> dict:
         """What a checkpoint needs to continue this episode."""
-        return {"secret": self.secret.get("object"), "history": [list(h) for h in self.history], "done": self.done}
+        return {"secret": self.secret.get("object"), "history": [list(h) for h in self.history],
+                "facts": [list(f) for f in self.facts], "done": self.done}
 
     def load_state(self, state: dict) -> None:
         by_name = {o["object"]: o for o in self.oracle.objects}
         self.secret = by_name[state["secret"]] if state["secret"] else {}
         self.history, self.done = [tuple(h) for h in state["history"]], state["done"]
+        self.facts = [tuple(f) for f in state.get("facts", [])]
+
+    # ---- reference policies (they play the same episodes as a learner: reset(seed) fixes the secret) ----
+
+    def remaining(self) -> list[str]:
+        """Candidates the answers so far have not ruled out (a wrong guess rules its object out)."""
+        wrong = {q for q, a in self.history if a == "No."}
+        left = []
+        for o in self.pool:
+            if any(self.oracle.truth(m, o) != yes for m, yes in self.facts):
+                continue
+            if any(self.oracle.named_objects(q) == [o["object"].lower()] for q in wrong):
+                continue
+            left.append(o["object"])
+        return left
+
+    def moves(self) -> list[str]:
+        """Utterances the oracle understands, written after ``prefill``: the table's and the category questions
+        that start with it (all of them without a prefill), and a guess of each candidate."""
+        lead = self.prefill.strip()
+        texts = list(dict.fromkeys(self.oracle.question_texts + [t for _, (_, ts) in CATEGORY_QUESTIONS.items()
+                                                                  for t in ts[:1]]))
+        meanings = {t: m for t, m in self.oracle.bank}
+        questions = [t for t in texts if t in meanings and meanings[t] is not None and t.startswith(lead)]
+        guesses = [f"Is it a {o['object']}?" for o in self.pool]
+        return [t[len(lead):] for t in questions + guesses if t.startswith(lead)]
+
+    def _meaning(self, move: str) -> str | None:
+        return dict(self.oracle.bank).get(" ".join((self.prefill + move).split()))
+
+    def eliminate(self) -> str:
+        """The scripted optimum: ask the understood question that splits the remaining candidates most evenly;
+        guess when one is left or no question splits them."""
+        left = self.remaining() or [o["object"] for o in self.pool]
+        objs = [o for o in self.pool if o["object"] in left]
+        best, best_gap = None, len(objs)
+        if len(objs) > 1:
+            for move in self.moves():
+                m = self._meaning(move)
+                if m is None:
+                    continue
+                yes = sum(self.oracle.truth(m, o) for o in objs)
+                gap = abs(2 * yes - len(objs))
+                if 0 < yes < len(objs) and gap < best_gap:
+                    best, best_gap = move, gap
+        if best is not None:
+            return best
+        lead = self.prefill.strip()
+        return f"Is it a {left[0]}?"[len(lead):]
+
+    def random_valid(self, rng: random.Random) -> str:
+        """A uniform move among those the oracle understands that were not made before (ignores the answers)."""
+        asked = {q for q, _ in self.history}
+        fresh = [m for m in self.moves() if " ".join((self.prefill + m).split()) not in asked]
+        return rng.choice(fresh or self.moves())
+
+    def random_consistent(self, rng: random.Random) -> str:
+        """Guess a uniform candidate that is not ruled out (never asks about a ruled-out candidate; asks nothing)."""
+        lead = self.prefill.strip()
+        return f"Is it a {rng.choice(self.remaining() or [o['object'] for o in self.pool])}?"[len(lead):]
 
     @staticmethod
     def split(utterance: str) -> bool:
@@ -365,8 +427,13 @@ class TwentyQuestions:
         if self.tokenizer is not None and self.tokenizer.eos_token:  # a raw-text utterance ended by EOS carries it
             question = question.replace(self.tokenizer.eos_token, " ")
         question = " ".join((self.prefill + question).split()) or "(nothing)"
+        ruled_out = [o["object"] for o in self.pool if o["object"] not in self.remaining()]
         reply, info = self.oracle.answer(question, self.secret)
+        info["repeated"] = any(q == question for q, _ in self.history)
+        info["ruled_out_guess"] = info["kind"] == "guess" and info["guess"] in ruled_out
         self.history.append((question, reply))
+        if info["kind"] in ("attribute", "category"):
+            self.facts.append((info["meaning"], self.oracle.truth(info["meaning"], self.secret)))
         correct = info["correct"]
         self.done = correct or len(self.history) >= self.max_turns
         info.update(secret=self.secret["object"], turn=len(self.history), reply=reply)

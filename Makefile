@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test unit notebooks lab strip learn full full-dryrun scoreboard
+.PHONY: install demo test lint unit notebooks lab lab-check strip learn full full-dryrun scoreboard
 
 install:  ## everything: torch (CPU wheel unless one is installed), requirements, embedded models, rlnlp itself
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
@@ -16,13 +16,17 @@ demo: install  ## run the tour headless on the embedded models; figures land in 
 	mkdir -p runs
 	$(PYTHON) -m rlnlp.notebook notebooks/00_tour.ipynb runs/00_tour.executed.ipynb
 
+lint:  ## ruff over the package, the tests and the notebooks (rules in pyproject.toml)
+	$(PYTHON) -m ruff check .
+
 unit:
 	RLNLP_PROFILE=smoke $(PYTHON) -m pytest -q -m "not full_dryrun" tests
 
 notebooks:
 	RLNLP_PROFILE=smoke $(PYTHON) -m pytest -q --nbmake --nbmake-timeout=600 --durations=0 notebooks/
 
-test: install  ## unit tests, then every notebook in the smoke profile
+test: install  ## lint, unit tests, then every notebook in the smoke profile
+	$(MAKE) lint
 	$(MAKE) unit
 	$(MAKE) notebooks
 
@@ -30,8 +34,8 @@ learn: install  ## every notebook headless in the cpu learning profile (≤ 10 m
 	RLNLP_PROFILE=cpu $(PYTHON) -m pytest -q --nbmake --nbmake-timeout=1500 --durations=0 notebooks/; \
 	status=$$?; $(PYTHON) -m rlnlp.scoreboard --profile cpu; exit $$status
 
-# No `install` step: on the lent GPU machine (no network) the packages come from ../shared/gpu/ into
-# /tmp/site; elsewhere run `make install` first. The repository root goes on PYTHONPATH for the kernels.
+# No `install` step: on a GPU machine without network the packages must already be importable (e.g. from a
+# local wheel folder on PYTHONPATH); elsewhere run `make install` first. The repository root goes on PYTHONPATH for the kernels.
 full:  ## every notebook in the full profile (one GPU: ≤ 90 s of training each, ≤ 9 min in all), then the scoreboard
 	PYTHONPATH="$(CURDIR):$${PYTHONPATH:-}" RLNLP_PROFILE=full $(PYTHON) -m pytest -q -p no:cacheprovider --nbmake \
 	  --nbmake-timeout=540 --durations=0 notebooks/; \
@@ -46,6 +50,9 @@ scoreboard:  ## print every recorded result of the active profile (PROFILE=cpu|f
 lab: install  ## open the workbook in JupyterLab
 	$(PIP) install -q "jupyterlab>=4,<5"
 	$(PYTHON) -m jupyterlab notebooks/
+
+lab-check:  ## run the tour in a headless JupyterLab + Chromium (smoke profile); screenshots -> runs/lab-check/ (not part of make test)
+	$(PYTHON) -m rlnlp.labcheck --out runs/lab-check
 
 strip:  ## remove outputs from every notebook (run before committing)
 	$(PYTHON) -m rlnlp.notebook --strip notebooks/*.ipynb

@@ -41,26 +41,60 @@ def _axes(ax, figsize=(6.4, 3.8)):
     return fig, ax
 
 
+PREFIXES = ("charts/", "stats/", "losses/", "time/")
+
+
+def human(column: str) -> str:
+    """A legend label from a metrics column: ``stats/gate_fraction`` → ``gate fraction``."""
+    for prefix in PREFIXES:
+        if column.startswith(prefix):
+            column = column[len(prefix):]
+            break
+    return column.replace("_", " ")
+
+
+def _baseline_label(label: str, value: float) -> str:
+    """``label (value)``, unless the label already ends with its value in parentheses ("optimal (0)")."""
+    shown = f"({value:.3g})"
+    return label if label.endswith(shown) else f"{label} {shown}"
+
+
 def _baselines(ax, baselines: Mapping[str, float] | None, horizontal: bool = True):
     styles = ["--", ":", "-."]
     for i, (label, value) in enumerate((baselines or {}).items()):
         if value is None or not np.isfinite(value):
             continue
         style = dict(BASELINE_STYLE, linestyle=styles[i % len(styles)])
-        (ax.axhline if horizontal else ax.axvline)(value, label=f"{label} ({value:.3g})", **style)
+        (ax.axhline if horizontal else ax.axvline)(value, label=_baseline_label(label, value), **style)
+
+
+def _breaks(ax, data, x: str, by: str) -> None:
+    """A dotted vertical line wherever column ``by`` changes value (e.g. a new round of data), labelled once."""
+    xs, groups = np.asarray(data[x], dtype=float), list(data[by])
+    first = True
+    for i in range(1, len(groups)):
+        if groups[i] != groups[i - 1]:
+            ax.axvline((xs[i - 1] + xs[i]) / 2, color="0.5", linestyle=":", linewidth=1.2,
+                       label=f"new {human(by)}" if first else None)
+            first = False
 
 
 def curves(data, x: str, ys: Sequence[str] | str, *, labels: Sequence[str] | None = None,
            baselines: Mapping[str, float] | None = None, title: str = "", xlabel: str | None = None,
-           ylabel: str = "", window: int = 1, ax=None, raw_alpha: float = 0.25):
+           ylabel: str = "", window: int = 1, ax=None, raw_alpha: float = 0.25, logy: bool = False,
+           breaks: str | None = None, markers: bool | None = None):
     """Line plot of one or more columns of a DataFrame (or dict of arrays) against ``x``.
 
     With ``window`` > 1 the raw series is drawn faintly and its moving average on top.
     ``baselines`` draws labelled horizontal reference lines (e.g. {"random policy": 1/256}).
+    Without ``labels`` the legend reads the column names made human (``stats/clip_fraction`` →
+    ``clip fraction``). ``logy``: a log y axis (losses that fall by orders of magnitude).
+    ``breaks``: a column whose changes are marked by a vertical line (e.g. ``"round"``).
+    ``markers``: a marker on every point (default: when there are fewer than 30).
     """
     fig, ax = _axes(ax)
     ys = [ys] if isinstance(ys, str) else list(ys)
-    labels = list(labels) if labels else ys
+    labels = list(labels) if labels else [human(y) for y in ys]
     for y, label in zip(ys, labels):
         if y not in data:
             raise KeyError(f"no column {y!r} to plot (have: {sorted(data.keys())[:20]})")
@@ -72,9 +106,17 @@ def curves(data, x: str, ys: Sequence[str] | str, *, labels: Sequence[str] | Non
             line, = ax.plot(xs, vs, alpha=raw_alpha, linewidth=0.8)
             ax.plot(xs, smooth(vs, window), color=line.get_color(), label=f"{label} (avg of {window})")
         else:
-            ax.plot(xs, vs, label=label, marker="o" if len(xs) < 30 else None, markersize=3)
+            # few points (an evaluation every few steps): big markers joined by thin dashed lines — only the
+            # points are measured, the segments between them are not
+            sparse = len(xs) < 8
+            ax.plot(xs, vs, label=label, marker="o" if (markers if markers is not None else len(xs) < 30) else None,
+                    markersize=6 if sparse else 3, linestyle="--" if sparse else "-", linewidth=1.0 if sparse else 1.5)
     _baselines(ax, baselines)
-    ax.set(title=title, xlabel=xlabel or x, ylabel=ylabel)
+    if breaks is not None:
+        _breaks(ax, data, x, breaks)
+    if logy:
+        ax.set_yscale("log")
+    ax.set(title=title, xlabel=xlabel or human(x), ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
@@ -166,6 +208,33 @@ def bars(labels: Sequence[str], values: Sequence[float], *, errors: Sequence[flo
     return fig
 
 
+def differences(intervals: Mapping[str, object], *, title: str = "", xlabel: str = "difference",
+                reference: str = "no difference", ax=None, higher_is_better: bool = True):
+    """Paired differences as points with their 95% intervals, one row each, against a zero line.
+
+    ``intervals`` maps a label ("trained − random order") to an ``rlnlp.stats.Interval``. An interval
+    wholly on the good side of zero is green, wholly on the bad side red, straddling grey — the
+    picture of the scoreboard's learns? column (unpaired bars of the two means would hide the pairing).
+    """
+    labels = list(intervals)
+    fig, ax = _axes(ax, figsize=(6.4, max(2.2, 0.55 * len(labels) + 1.2)))
+    pos = np.arange(len(labels))
+    for i, label in enumerate(labels):
+        iv = intervals[label]
+        color = {"yes": "tab:green", "worse": "tab:red"}.get(iv.verdict(higher_is_better), "0.45")
+        ax.errorbar([iv.estimate], [i], xerr=[[iv.estimate - iv.low], [iv.high - iv.estimate]], fmt="o", color=color,
+                    capsize=4, markersize=6)
+        ax.annotate(f"{iv.estimate:+.3g} [{iv.low:+.3g}, {iv.high:+.3g}]", (iv.estimate, i), xytext=(0, 7),
+                    textcoords="offset points", ha="center", fontsize=7, color=color)
+    ax.axvline(0.0, label=reference, **BASELINE_STYLE)
+    ax.set_yticks(pos, labels, fontsize=8)
+    ax.set_ylim(len(labels) - 0.4, -0.6)
+    ax.set(title=title, xlabel=xlabel)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
 def token_weights(tokens: Sequence[str], weights: Sequence[float], *, title: str = "", highlight: Sequence[int] = (), ax=None):
     """Weights over the tokens of one text (e.g. attention pooling): a bar per token, highlighted ones in red."""
     w = np.asarray(weights, float)
@@ -178,6 +247,18 @@ def token_weights(tokens: Sequence[str], weights: Sequence[float], *, title: str
     return fig
 
 
+PROFILE_LABELS = {"smoke": "smoke profile (tiny CPU budget)", "cpu": "cpu learning profile (2-core CPU)"}
+
+
+def profile_label(fig, label: str):
+    """Write ``label`` below everything already drawn on ``fig`` (axis labels and tick labels included), at
+    the right edge, so it can never cover them; ``savefig(bbox_inches="tight")`` grows the image to fit."""
+    fig.canvas.draw()  # lay out first: constrained layout moves the axes and their labels
+    box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+    width, height = fig.get_size_inches()
+    return fig.text(box.x1 / width, (box.y0 - 0.04) / height, label, ha="right", va="top", fontsize=7, color="0.4")
+
+
 def save(fig, name: str, prof: str | None = None) -> Path:
     """Write ``fig`` as PNG: visualizations/<name>.png for the full profile, visualizations/<profile>/<name>.png
     otherwise (``cpu`` figures are committed beside the cpu results; ``smoke`` ones are labelled and ignored).
@@ -185,9 +266,9 @@ def save(fig, name: str, prof: str | None = None) -> Path:
     prof = active_profile(prof)
     folder = visualizations_dir() / ("" if prof == "full" else prof)
     folder.mkdir(parents=True, exist_ok=True)
-    label = {"smoke": "smoke profile (tiny CPU budget)", "cpu": "cpu learning profile (2-core CPU)"}.get(prof)
+    label = PROFILE_LABELS.get(prof)
     if label:
-        fig.text(0.99, 0.005, label, ha="right", va="bottom", fontsize=7, color="0.4")
+        profile_label(fig, label)
     path = folder / f"{name}.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path

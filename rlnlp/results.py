@@ -111,3 +111,61 @@ def load_rows(prof: str | None = None, folder: str | os.PathLike | None = None) 
             raise ValueError(f"{path}: expected a list of result rows")
         rows.extend(data)
     return rows
+
+
+VERDICTS = {
+    "yes": "**better**: the interval lies wholly on the good side of zero",
+    "worse": "**worse**: the interval lies wholly on the bad side of zero",
+    "no": "**no difference shown**: the interval straddles zero",
+    "—": "reference (nothing trained: how much signal the task has)",
+}
+
+
+class Findings(str):
+    """Markdown text that Jupyter renders as markdown (and a script prints as plain text)."""
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.3g}"
+
+
+def finding_line(r: dict) -> str:
+    """One results row as a markdown bullet: what was compared, the difference with its interval and n, the verdict."""
+    from .scoreboard import units
+
+    arrow = "higher is better" if r.get("higher_is_better", True) else "lower is better"
+    verdict = VERDICTS.get(r.get("verdict", "no"), r.get("verdict", ""))
+    return (f"- {r['task']} — {r['metric']} ({arrow}): {r['method']} **{r['value']:.3g}** vs {r['baseline']} "
+            f"{r['baseline_value']:.3g}; difference {_signed(r['difference'])} [{_signed(r['low'])}, {_signed(r['high'])}] "
+            f"({r.get('interval', '')} {round(100 * r.get('confidence', 0.95))}%, {r['n']} {units(r['unit'], r['n'])}) → {verdict}")
+
+
+def findings(notebook: str, profiles: tuple[str, ...] | list[str] | None = None) -> Findings:
+    """The headline rows a notebook recorded, as markdown: one block per profile, one bullet per row.
+
+    ``profiles`` defaults to the active profile, then ``cpu`` (the committed learning run) when the
+    active one is another: a smoke run shows its own mechanics-only rows and the cpu rows that the
+    notebook's text interprets. A profile with no rows for the notebook says so.
+    """
+    if profiles is None:
+        active = active_profile()
+        profiles = [active] + (["cpu"] if active != "cpu" else [])
+    blocks = []
+    for prof in profiles:
+        rows = [r for r in load_rows(prof) if r.get("notebook") == notebook]
+        if not rows:
+            blocks.append(f"**{prof} profile**: no results recorded for `{notebook}` yet (run the notebook with "
+                          f"`RLNLP_PROFILE={prof}`).")
+            continue
+        dates = sorted({r["date"] for r in rows})
+        commits = sorted({r["commit"] for r in rows})
+        devices = sorted({r["device"] for r in rows})
+        wall = max(r["wall_s"] for r in rows) / 60
+        note = " (tiny budgets: mechanics only, no learning claimed)" if prof == "smoke" else ""
+        head = (f"**{prof} profile**{note}: {len(rows)} row{'s' if len(rows) != 1 else ''} recorded "
+                f"{', '.join(dates)} on {', '.join(devices)} at {', '.join(commits)}, {wall:.1f} min into the run.")
+        blocks.append("\n".join([head, ""] + [finding_line(r) for r in rows]))
+    return Findings("\n\n".join(blocks))

@@ -1,0 +1,302 @@
+"""Check the notebooks in a real JupyterLab, driven by headless Chromium.
+
+    python -m rlnlp.labcheck                 # or: make lab-check
+    python -m rlnlp.labcheck --out runs/lab-check --timeout 900
+
+Starts JupyterLab headless on a free localhost port (on copies of the notebooks, so nothing in
+notebooks/ is modified), opens every notebook in headless Chromium through selenium, runs the tour
+(00) with "Run All Cells" in the smoke profile, and checks that
+
+* every code cell ran (no cell left at ``[*]``) and no cell shows an error;
+* every widget view rendered: no "Error displaying widget", none stuck at "Loading widget";
+* the tour's figures appear as images, and its episode stepper's slider moves under the arrow keys;
+* every other notebook opens and renders its markdown (and the committed figures it links).
+
+Screenshots go to ``runs/lab-check/`` (one per notebook, plus the tour's widget). Needs JupyterLab,
+ipywidgets, selenium and Debian's ``chromium`` and ``chromium-driver``: missing Python packages are
+installed with pip; missing browser packages are installed with apt-get when running as root, and
+otherwise the one command that installs them is printed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from .cli import Parser, UsageError, positive_int, run
+
+ROOT = Path(__file__).resolve().parent.parent
+PY_PACKAGES = {"selenium": "selenium>=4.10,<5", "jupyterlab": "jupyterlab>=4,<5", "ipywidgets": "ipywidgets>=8,<9"}
+APT_COMMAND = "apt-get update && apt-get install -y chromium chromium-driver"
+CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                "--window-size=1400,1000"]
+
+
+LAB_SETTINGS = {
+    # render every cell (JupyterLab 4 renders only the visible ones by default), so figures can be counted
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": '{"windowingMode": "none"}',
+    # no "get notified about Jupyter news?" toast over the screenshots
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": '{"fetchNews": "false", "checkForUpdates": false}',
+}
+
+
+def ensure_dependencies() -> tuple[str, str]:
+    """Install what is missing (pip packages; apt packages when root). Returns (chromium, chromedriver) paths."""
+    missing = [spec for name, spec in PY_PACKAGES.items() if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"installing {' '.join(missing)} with pip", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (browser and driver):
+        if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+            print(f"installing the browser: {APT_COMMAND}", flush=True)
+            subprocess.run(["bash", "-c", f"export DEBIAN_FRONTEND=noninteractive; {APT_COMMAND}"], check=True)
+            browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+        if not (browser and driver):
+            raise UsageError(f"headless Chromium is missing; install it with: sudo sh -c '{APT_COMMAND}'")
+    return browser, driver
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def workspace(out: Path) -> Path:
+    """A folder with copies of notebooks/ and the committed figures they link to (../visualizations/cpu/)."""
+    root = out / "workspace"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(ROOT / "notebooks", root / "notebooks")
+    if (ROOT / "visualizations" / "cpu").is_dir():
+        shutil.copytree(ROOT / "visualizations" / "cpu", root / "visualizations" / "cpu")
+    return root
+
+
+def start_lab(root: Path, port: int, token: str, log: Path) -> subprocess.Popen:
+    settings = root / ".lab-settings"
+    for rel, body in LAB_SETTINGS.items():
+        (settings / rel).parent.mkdir(parents=True, exist_ok=True)
+        (settings / rel).write_text(body)
+    env = dict(os.environ, RLNLP_PROFILE="smoke", JUPYTER_CONFIG_DIR=str(root / ".jupyter-config"),
+               JUPYTER_RUNTIME_DIR=str(root / ".jupyter-runtime"), JUPYTERLAB_SETTINGS_DIR=str(settings))
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+           f"--ServerApp.root_dir={root}", f"--IdentityProvider.token={token}",
+           f"--LabApp.workspaces_dir={root / '.workspaces'}", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers often run as root
+        cmd.append("--allow-root")
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"JupyterLab exited with {proc.returncode}; see {log}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}", timeout=2)
+            return proc
+        except OSError:
+            time.sleep(1)
+    proc.terminate()
+    raise RuntimeError(f"JupyterLab did not answer on port {port} within 120 s; see {log}")
+
+
+def browser_session(browser: str, driver: str, profile_dir: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for flag in CHROME_FLAGS + [f"--user-data-dir={profile_dir}"]:
+        opts.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def _count(drv, css: str) -> int:
+    from selenium.webdriver.common.by import By
+
+    return len(drv.find_elements(By.CSS_SELECTOR, css))
+
+
+def _page_text(drv) -> str:
+    return drv.execute_script("return document.body.innerText") or ""
+
+
+def open_notebook(drv, base: str, name: str, token: str, timeout: float = 120) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    drv.get(f"{base}/lab/tree/notebooks/{name}?token={token}")
+    WebDriverWait(drv, timeout).until(lambda d: _count(d, ".jp-Notebook .jp-Cell") > 0)
+    WebDriverWait(drv, timeout).until(lambda d: "Idle" in _page_text(d) or _count(d, ".jp-Notebook-ExecutionIndicator[data-status='idle']"))
+    time.sleep(2)  # markdown and images render after the cells exist
+
+
+def run_all(drv, timeout: float) -> None:
+    """Run > Run All Cells (the command runmenu:run-all), then wait until no prompt shows [*]."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    menu = next(e for e in drv.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-item") if e.text.strip() == "Run")
+    menu.click()
+    WebDriverWait(drv, 20).until(lambda d: _count(d, "li.lm-Menu-item[data-command='runmenu:run-all']"))
+    drv.find_element(By.CSS_SELECTOR, "li.lm-Menu-item[data-command='runmenu:run-all']").click()
+    time.sleep(3)
+
+    def done(d) -> bool:
+        prompts = [p.text for p in d.find_elements(By.CSS_SELECTOR, ".jp-CodeCell .jp-InputArea-prompt")]
+        return bool(prompts) and all(p.strip() not in ("", "[ ]:", "[*]:") for p in prompts)
+
+    WebDriverWait(drv, timeout, poll_frequency=2).until(done)
+    time.sleep(3)  # widget views render after the kernel has answered
+
+
+def problems(drv) -> list[str]:
+    """What a reader would see as broken on the page."""
+    text = _page_text(drv)
+    found = []
+    if "Error displaying widget" in text:
+        found.append("a widget view failed: 'Error displaying widget'")
+    if "Loading widget" in text:
+        found.append("a widget view is stuck at 'Loading widget'")
+    errors = _count(drv, ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'] .jp-mod-error, "
+                         ".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']")
+    if errors:
+        found.append(f"{errors} cell output(s) show an error")
+    return found
+
+
+def linked_figures(drv, wait: float = 20) -> tuple[int, list[str]]:
+    """(how many images in markdown cells loaded, the sources of those that did not) after up to ``wait`` s."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.time() + wait
+    while True:
+        imgs = drv.find_elements(By.CSS_SELECTOR, ".jp-MarkdownCell img")
+        state = [(img.get_attribute("src") or "", drv.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img))
+                 for img in imgs]
+        broken = [src.rsplit("/", 1)[-1] for src, width in state if not width]
+        if not broken or time.time() > deadline:
+            return len(state) - len(broken), broken
+        time.sleep(1)
+
+
+def first_figure(drv) -> bool:
+    """Scroll the first linked figure into view (for the screenshot); False when the notebook links none."""
+    from selenium.webdriver.common.by import By
+
+    imgs = drv.find_elements(By.CSS_SELECTOR, ".jp-MarkdownCell img")
+    if not imgs:
+        return False
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'});", imgs[0])
+    time.sleep(1)
+    return True
+
+
+def move_slider(drv, steps: int = 2) -> tuple[str, str]:
+    """Focus the first widget slider's handle and press → ``steps`` times; returns its readout before and after."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    handle = drv.find_element(By.CSS_SELECTOR, ".widget-slider .noUi-handle")
+    readout = drv.find_element(By.CSS_SELECTOR, ".widget-slider .widget-readout")
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'});", handle)
+    before = readout.text or readout.get_attribute("textContent")
+    handle.click()
+    for _ in range(steps):
+        handle.send_keys(Keys.ARROW_RIGHT)
+        time.sleep(0.5)
+    time.sleep(1)
+    return before.strip(), (readout.text or readout.get_attribute("textContent")).strip()
+
+
+def check(out: Path, timeout: int, notebooks: list[str] | None = None) -> int:
+    browser, driver = ensure_dependencies()
+    out.mkdir(parents=True, exist_ok=True)
+    root = workspace(out)
+    names = notebooks or sorted(p.name for p in (root / "notebooks").glob("*.ipynb"))
+    port, token = free_port(), secrets.token_hex(16)
+    lab = start_lab(root, port, token, out / "jupyterlab.log")
+    base = f"http://127.0.0.1:{port}"
+    failures: list[str] = []
+    profile_dir = Path(tempfile.mkdtemp(prefix="rlnlp-chromium-"))
+    drv = None
+    try:
+        drv = browser_session(browser, driver, profile_dir)
+        for name in names:
+            stem = Path(name).stem
+            open_notebook(drv, base, name, token)
+            if stem.startswith("00"):
+                t0 = time.time()
+                run_all(drv, timeout)
+                images = _count(drv, ".jp-OutputArea-output img")
+                widgets = _count(drv, ".jp-OutputArea-output .jupyter-widgets")
+                print(f"{name}: ran every cell in {time.time() - t0:.0f} s; {images} figures, {widgets} widget views", flush=True)
+                if images < 3:
+                    failures.append(f"{name}: {images} figures rendered, expected at least 3")
+                if widgets < 1:
+                    failures.append(f"{name}: no widget view rendered")
+                drv.save_screenshot(str(out / f"{stem}-end.png"))
+                before, after = move_slider(drv)
+                drv.save_screenshot(str(out / f"{stem}-widget.png"))
+                print(f"{name}: the stepper's slider went from {before} to {after} under two → presses", flush=True)
+                if before == after:
+                    failures.append(f"{name}: the stepper's slider did not move ({before} -> {after})")
+            else:
+                drv.save_screenshot(str(out / f"{stem}.png"))
+                rendered = _count(drv, ".jp-MarkdownCell .jp-RenderedMarkdown")
+                figures, broken = linked_figures(drv)
+                print(f"{name}: opened, {rendered} markdown cells rendered, {figures} linked figures loaded"
+                      + (f", {len(broken)} broken: {broken}" if broken else ""), flush=True)
+                if rendered == 0:
+                    failures.append(f"{name}: no markdown cell rendered")
+                if broken:
+                    failures.append(f"{name}: linked figures that did not load: {broken}")
+                shown = first_figure(drv)
+                if shown:
+                    drv.save_screenshot(str(out / f"{stem}-figure.png"))
+            failures += [f"{name}: {p}" for p in problems(drv)]
+    finally:
+        if drv is not None:
+            drv.quit()
+        lab.terminate()
+        try:
+            lab.wait(20)
+        except subprocess.TimeoutExpired:
+            lab.kill()
+        shutil.rmtree(profile_dir, ignore_errors=True)
+    for f in failures:
+        print(f"FAIL {f}", file=sys.stderr)
+    print(f"lab-check: {len(names)} notebooks, {len(failures)} problem(s); screenshots in {out}")
+    return 1 if failures else 0
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = Parser(prog="python -m rlnlp.labcheck", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "lab-check", help="where screenshots and the lab log go")
+    parser.add_argument("--timeout", type=positive_int, default=900, help="seconds the tour may take to run (default 900)")
+    parser.add_argument("notebooks", nargs="*", help="notebook file names (default: every notebook)")
+    args = parser.parse_args(argv)
+    for name in args.notebooks:
+        if not (ROOT / "notebooks" / name).is_file():
+            raise UsageError(f"no notebook notebooks/{name}")
+    try:
+        return check(args.out, args.timeout, args.notebooks or None)
+    except RuntimeError as err:  # the lab or the browser did not come up: one line, not a traceback
+        print(f"lab-check: {err}", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .runtime import autocast
 from .runtime import device as default_device
 from .runtime import dtype as default_dtype
 
@@ -253,8 +254,9 @@ def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+C)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     C = completion_ids.shape[1]
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), logits_to_keep=C + 1, use_cache=False)
+    with autocast(input_ids.device):  # bf16 matmuls where the CPU has them; the log-softmax below runs in fp32
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), logits_to_keep=C + 1, use_cache=False)
     logits = out.logits[:, :-1, :].float() / temperature  # (B, C, V): position P-1+t predicts c_t
     logp = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, C)
     return logp * completion_mask.to(logp.dtype)

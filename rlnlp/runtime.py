@@ -11,6 +11,7 @@ Three profiles share one code path (``RLNLP_PROFILE`` forces one):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
@@ -58,11 +59,93 @@ def device() -> torch.device:
 
 
 def dtype(dev: torch.device | None = None) -> torch.dtype:
-    """bf16 on a GPU that supports it, fp32 elsewhere (CPU bf16 matmuls are slow and imprecise)."""
+    """The dtype weights are loaded in: bf16 on a GPU that supports it, fp32 on a CPU. On a CPU the master weights,
+    optimizer state, losses and advantages stay fp32 and the matmuls run in the ``compute`` dtype (``autocast``)."""
     dev = dev or device()
     if dev.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+PRECISIONS = ("fp32", "bf16")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""CPU flags (Linux ``/proc/cpuinfo``) of native bf16 dot products. Measured on a 2-core AMD EPYC with avx512_bf16,
+torch 2.13, one process: a 576 → 1536 linear layer at 512 rows runs 2.8× faster in bf16 than in fp32, SmolLM2-135M
+prefills 2.0× faster under bf16 autocast. A CPU without them emulates bf16 and runs slower than fp32."""
+
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags, or None where ``/proc/cpuinfo`` does not list them (macOS, Windows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def _bf16_matmul_is_faster() -> bool:
+    """Time a 256 × 512 × 512 matmul in both dtypes (best of 5, ~20 ms): bf16 counts as native when it is ≥ 1.3×
+    faster than fp32."""
+    import time
+
+    a, b = torch.randn(256, 512), torch.randn(512, 512)
+    best = {}
+    for dt in (torch.float32, torch.bfloat16):
+        x, y = a.to(dt), b.to(dt)
+        x @ y
+        runs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            x @ y
+            runs.append(time.perf_counter() - t0)
+        best[dt] = min(runs)
+    return best[torch.float32] >= 1.3 * best[torch.bfloat16]
+
+
+_NATIVE_BF16: tuple[bool, str] | None = None
+
+
+def cpu_native_bf16() -> tuple[bool, str]:
+    """Whether this CPU computes bf16 natively, and how we know (checked once per process)."""
+    global _NATIVE_BF16
+    if _NATIVE_BF16 is None:
+        flags = _cpu_flags()
+        if flags is not None:
+            have = [f for f in BF16_CPU_FLAGS if f in flags]
+            _NATIVE_BF16 = (True, f"the CPU has {'/'.join(have)}") if have else \
+                (False, f"the CPU has none of {', '.join(BF16_CPU_FLAGS)}")
+        else:
+            fast = _bf16_matmul_is_faster()
+            _NATIVE_BF16 = (fast, f"a timed bf16 matmul was {'' if fast else 'not '}≥ 1.3× faster than fp32")
+    return _NATIVE_BF16
+
+
+def precision(dev: torch.device | None = None) -> tuple[str, str]:
+    """The compute precision, ``"bf16"`` or ``"fp32"``, and why: ``$RLNLP_DTYPE`` when set; on a CPU, bf16 where it
+    is native (``cpu_native_bf16``), fp32 elsewhere; on a GPU, the weights' own dtype (``dtype``)."""
+    name = os.environ.get("RLNLP_DTYPE", "").strip().lower()
+    if name:
+        if name not in PRECISIONS:
+            raise ValueError(f"RLNLP_DTYPE={name!r} is not a precision: use one of {', '.join(PRECISIONS)}")
+        return name, "set by RLNLP_DTYPE"
+    dev = dev or device()
+    if dev.type != "cpu":
+        return ("bf16" if dtype(dev) == torch.bfloat16 else "fp32"), f"the weights' dtype on {dev.type}"
+    native, why = cpu_native_bf16()
+    return ("bf16" if native else "fp32"), why
+
+
+def autocast(dev: torch.device | None = None):
+    """The one precision context of the core: on a CPU whose ``precision`` is bf16, ``torch.autocast`` to bf16
+    (matmuls, linear layers and attention in bf16; everything else, and every weight, stays fp32); elsewhere a no-op
+    (a GPU runs in its weights' dtype). Log-softmax and everything after it are computed in fp32 by the callers."""
+    dev = dev or device()
+    if dev.type == "cpu" and precision(dev)[0] == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:
@@ -106,6 +189,7 @@ def banner(title: str, prof: str | None = None, seed: int | None = None, expecte
         "profile means": PROFILE_PURPOSE[prof],
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "dtype": str(dtype(dev)).replace("torch.", ""),
+        "compute": "{} ({})".format(*precision(dev)),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),

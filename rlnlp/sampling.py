@@ -4,6 +4,16 @@ Chat prompts in; token ids, masks, texts and per-token log-probs out; stop strin
 function; ``n`` samples per prompt. A plain KV-cached decoding loop, written out so its semantics
 are exact (which token ended a completion, which log-prob belongs to which token). This is the
 seam where a faster engine (static KV cache, CUDA graphs, vLLM) would go.
+
+Precision: the sampler runs under ``rlnlp.runtime.autocast`` — bf16 matmuls on a CPU that has them (linear layers
+from bf16 copies of the weights kept between calls), fp32 elsewhere; log-softmax and the returned log-probs are fp32.
+Its log-probs then differ from a re-scoring forward over the same tokens (``completion_logprobs``: the whole sequence
+at once rather than one token at a time against a cache, so other roundings). Measured 2026-12-06 on SmolLM2-135M,
+32 rows of ~24 sampled tokens: fp32 mean |Δ| 2.8e-6, max 2.1e-5 nats; bf16 mean 3.4e-2, max 0.22. An importance
+ratio's π_old must therefore come from the training forward itself, never from these log-probs, in bf16.
+
+Multi-turn rollouts pass a ``TurnCache``: each episode's keys stay cached between turns and a turn encodes only
+what is new (``sample(..., turn_cache=cache, episode_ids=ids)``).
 """
 from __future__ import annotations
 
@@ -15,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from .models import position_ids_from_mask
+from .runtime import autocast, precision
 
 Prompt = str | list[dict]
 StopFn = Callable[[str], bool]
@@ -211,6 +222,15 @@ def _growing_cache(model, capacity: int):
     return Cache(layers=[layer(capacity) for _ in layers])
 
 
+def _kv_dtype(states: torch.Tensor) -> torch.dtype:
+    """The dtype a cache stores keys and values in: under CPU bf16 autocast, bf16 — what attention casts them to at
+    every decoding step anyway (RoPE leaves the keys in fp32): stored once in bf16, the cache is half the size and no
+    step recasts it (same numbers). Otherwise the states' own dtype."""
+    if states.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return states.dtype
+
+
 @lru_cache(maxsize=1)
 def _growing_layer_class():
     """The layer class (built on first use: it subclasses transformers' DynamicLayer, imported lazily)."""
@@ -228,8 +248,9 @@ def _growing_layer_class():
         def lazy_initialization(self, key_states, value_states) -> None:
             self.device = key_states.device
             B, H, _, _ = key_states.shape
-            self.k_buf = key_states.new_empty(B, H, self.capacity, key_states.shape[-1])
-            self.v_buf = value_states.new_empty(B, H, self.capacity, value_states.shape[-1])
+            dtype = _kv_dtype(key_states)
+            self.k_buf = key_states.new_empty(B, H, self.capacity, key_states.shape[-1], dtype=dtype)
+            self.v_buf = value_states.new_empty(B, H, self.capacity, value_states.shape[-1], dtype=dtype)
             self.is_initialized = True
 
         def _views(self) -> None:
@@ -323,7 +344,9 @@ class _SharedPromptCache:
         """Append one step's keys (B, Hk, 1, d); hand the attention function this cache and the layer index."""
         if self.gen[layer_idx] is None:
             B, H, _, d = key_states.shape
-            self.gen[layer_idx] = (key_states.new_empty(B, H, self.capacity, d), value_states.new_empty(B, H, self.capacity, d))
+            dtype = _kv_dtype(key_states)
+            self.gen[layer_idx] = (key_states.new_empty(B, H, self.capacity, d, dtype=dtype),
+                                   value_states.new_empty(B, H, self.capacity, d, dtype=dtype))
         gk, gv = self.gen[layer_idx]
         t = self.filled[layer_idx]
         gk[:, :, t : t + 1] = key_states
@@ -409,7 +432,7 @@ def _uses_shared_kv(model) -> bool:
 
 
 SMALL_BATCH_ROWS = 64
-"""On a CPU, a linear layer applied to one token in each of at most this many rows (a decoding step, and the LM
+"""On a CPU in fp32, a linear layer applied to one token in each of at most this many rows (a decoding step, and the LM
 head on the prompts' last positions) computes ``(W @ xᵀ)ᵀ`` instead of ``x @ Wᵀ``: MKL's kernel for a few rows
 against the transposed weight runs far below the memory bandwidth (measured 2026-12-03 on a 2-core AMD EPYC, fp32,
 3 rows: the 49152 × 576 LM head 39 ms vs 17 ms, the 1536 × 576 MLP projection 0.83 vs 0.44 ms; ``(W @ xᵀ)ᵀ`` was as
@@ -427,14 +450,39 @@ def _small_batch_linear(self, x):
     return out.reshape(*x.shape[:-1], self.weight.shape[0])
 
 
+def _bf16_copy(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """A bf16 copy of ``module``'s fp32 parameter ``name``, kept on the module between calls until the parameter
+    changes (an optimizer step or a load bumps its version). ``torch.autocast`` casts a weight on every call unless
+    it requires grad, and then only within one ``with`` block: recasting the 135M-parameter policy for every
+    decoding step cost ~10% of a step here."""
+    weight = getattr(module, name)
+    if weight is None:
+        return None
+    key = (weight.data_ptr(), weight._version)
+    hit = module.__dict__.get(f"_bf16_{name}")
+    if hit is None or hit[0] != key:
+        hit = (key, weight.detach().to(torch.bfloat16))
+        module.__dict__[f"_bf16_{name}"] = hit
+    return hit[1]
+
+
+def _bf16_linear(self, x):
+    """``nn.Linear`` as ``torch.autocast`` computes it on a CPU (bf16 input, bf16 weight, bf16 out), from a cached
+    bf16 weight. ``F.linear`` throughout: in bf16 the ``(W @ xᵀ)ᵀ`` trick is no faster (measured 2026-12-06, same
+    CPU, 1–64 rows: either way round within noise for the MLP shapes, ``F.linear`` faster at ≤ 16 rows for the LM
+    head)."""
+    return torch.nn.functional.linear(x.to(torch.bfloat16), _bf16_copy(self, "weight"), _bf16_copy(self, "bias"))
+
+
 @contextlib.contextmanager
-def _fast_small_linears(model):
-    """Route the model's fp32 ``nn.Linear`` layers through ``_small_batch_linear`` on a CPU for a ``with`` block
-    (sampling only; training forwards keep ``F.linear``)."""
+def _fast_linears(model, bf16: bool):
+    """Route the model's fp32 ``nn.Linear`` layers on a CPU through ``_bf16_linear`` (under bf16) or
+    ``_small_batch_linear`` (fp32) for a ``with`` block (sampling only; training forwards keep ``F.linear``)."""
     patched = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
                and m.weight.dtype == torch.float32 and "forward" not in m.__dict__]
+    route = _bf16_linear if bf16 else _small_batch_linear
     for m in patched:
-        m.forward = _small_batch_linear.__get__(m)
+        m.forward = route.__get__(m)
     try:
         yield
     finally:
@@ -468,21 +516,9 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad: int, dev) -> tuple[torch.Tenso
     return ids.to(dev), mask.to(dev)
 
 
-@torch.no_grad()
-def _sample_batch(model, tokenizer, kw, prompt_ids, rows, prefix, max_new_tokens, temperature, top_p, top_k,
-                  stops, stop_fn, eos, generator, shared_kv: bool):
-    """Sample one completion per entry of ``rows`` (indices into ``prompt_ids``, the distinct prompts' token ids).
-
-    Prefill: each distinct prompt of the batch once, as ``[shared prefix][left padding][suffix]`` —
-    the prefix's keys and values ``prefix = (kv, L)`` (computed once per call, batch 1) are copied to every
-    distinct prompt and only the suffixes are encoded, with the padding a hole in the attention mask
-    and positions counted over real tokens (``position_ids_from_mask``), so every token sits where a
-    plain left-padded pass puts it. The cache is then expanded to the rows (the n samples of a
-    prompt share its prefill). Decoding drops finished rows from the batch once a quarter of it
-    has finished.
-    """
-    dev = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
+def _prefill(model, kw, prompt_ids, rows, prefix, max_new_tokens, shared_kv, pad, dev):
+    """Encode the distinct prompts of a batch (``_sample_batch``): the last position's logits per row, the cache, the
+    attention mask and the positions of the suffix tokens per row, and whether decoding uses the shared-KV cache."""
     position = {r: i for i, r in enumerate(dict.fromkeys(rows))}  # the distinct prompts of this batch, in order
     distinct = list(position)
     local = torch.as_tensor([position[r] for r in rows], device=dev)  # row -> distinct prompt
@@ -505,6 +541,31 @@ def _sample_batch(model, tokenizer, kw, prompt_ids, rows, prefix, max_new_tokens
     elif len(distinct) < len(rows) or distinct != rows:  # the n samples of a prompt share its prefill
         cache.batch_select_indices(local)
         logits, attn, pos = logits[local], attn[local], pos[local]
+    return logits, cache, attn, pos, shared
+
+
+@torch.no_grad()
+def _sample_batch(model, tokenizer, kw, prompt_ids, rows, prefix, max_new_tokens, temperature, top_p, top_k,
+                  stops, stop_fn, eos, generator, shared_kv: bool, turns: _Turns | None = None):
+    """Sample one completion per entry of ``rows`` (indices into ``prompt_ids``, the distinct prompts' token ids).
+
+    Prefill: each distinct prompt of the batch once, as ``[shared prefix][left padding][suffix]`` —
+    the prefix's keys and values ``prefix = (kv, L)`` (computed once per call, batch 1) are copied to every
+    distinct prompt and only the suffixes are encoded, with the padding a hole in the attention mask
+    and positions counted over real tokens (``position_ids_from_mask``), so every token sits where a
+    plain left-padded pass puts it. The cache is then expanded to the rows (the n samples of a
+    prompt share its prefill). Decoding drops finished rows from the batch once a quarter of it
+    has finished. With ``turns`` (a turn cache) every row is its own prompt and starts from its episode's
+    cached keys instead (``_Turns.prefill``); each row's keys go back to the turn cache when it leaves.
+    """
+    dev = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    if turns is not None:
+        logits, cache, attn, pos = turns.prefill(model, kw, prompt_ids, rows, prefix, max_new_tokens, pad, dev)
+        shared = False
+    else:
+        logits, cache, attn, pos, shared = _prefill(model, kw, prompt_ids, rows, prefix, max_new_tokens, shared_kv,
+                                                    pad, dev)
     pos = pos[:, -1:]
     decode = _attention_implementation(model, _SHARED_ATTENTION) if shared else contextlib.nullcontext()
 
@@ -545,12 +606,18 @@ def _sample_batch(model, tokenizer, kw, prompt_ids, rows, prefix, max_new_tokens
             break
         if int(live.sum()) <= 0.75 * len(here):  # drop finished rows: one copy of the cache, then cheaper steps
             keep = live.nonzero().flatten()
+            if turns is not None:  # their keys go to the turn cache first
+                turns.store([(line, int(here[line])) for line in (~live).nonzero().flatten().tolist()], rows,
+                            prompt_ids, out_tokens, length, cache, attn)
             cache.batch_select_indices(keep)
             here, live, token, attn, pos = here[keep], live[keep], token[keep], attn[keep], pos[keep]
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         pos = pos + 1
         with decode:
             logits, cache = _forward(model, kw, token[:, None], attn, pos, cache)
+    if turns is not None:
+        turns.store([(line, int(r)) for line, r in enumerate(here.tolist())], rows, prompt_ids, out_tokens, length,
+                    cache, attn)
     C = int(length.max())
     cmask = (torch.arange(C)[None, :] < length[:, None]).long().to(dev)
     ctoks = torch.where(cmask.bool(), out_tokens[:, :C], torch.full_like(out_tokens[:, :C], pad))
@@ -559,6 +626,112 @@ def _sample_batch(model, tokenizer, kw, prompt_ids, rows, prefix, max_new_tokens
     return Samples(prompts=[], prompt_texts=[], prompt_index=torch.zeros(B, dtype=torch.long), prompt_ids=p_ids,
                    prompt_mask=p_mask, completion_ids=ctoks, completion_mask=cmask, logprobs=out_logp[:, :C] * cmask,
                    texts=texts_out, stopped=stopped)
+
+
+@dataclass
+class _Episode:
+    ids: list[int]  # the tokens whose keys and values are kept: the last prompt and its completion but the last token
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (1, Hk, len(ids), d)
+
+
+class TurnCache:
+    """Each episode's keys and values from one turn of a multi-turn rollout to the next.
+
+    Pass one to ``sample(..., turn_cache=cache, episode_ids=[...])``: row i continues episode ``episode_ids[i]``.
+    The sampler compares the row's prompt token ids with the episode's cached ids (its previous prompt and
+    completion), reuses the keys of the longest common prefix, prefills only the rest (the environment's reply and
+    the next turn's opening), and stores the row's keys back after decoding. Matching token ids makes the reuse exact
+    whatever the prompt template does; a prompt that shares nothing with the cache is simply prefilled in full.
+    ``release(episode_ids)`` frees finished episodes (a long rollout should: each cached token of SmolLM2 holds 46 KB
+    of fp32 keys and values).
+
+    ``reused_tokens`` / ``prefilled_tokens`` count the prompt tokens taken from the cache / encoded, over all calls.
+    """
+
+    def __init__(self):
+        self.episodes: dict = {}
+        self.reused_tokens = self.prefilled_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def __contains__(self, episode_id) -> bool:
+        return episode_id in self.episodes
+
+    def cached_tokens(self, episode_id) -> list[int]:
+        """The token ids whose keys the cache holds for ``episode_id`` (empty when none)."""
+        entry = self.episodes.get(episode_id)
+        return list(entry.ids) if entry is not None else []
+
+    def release(self, episode_ids) -> None:
+        """Forget these episodes (ids not in the cache are ignored)."""
+        for e in episode_ids:
+            self.episodes.pop(e, None)
+
+
+class _Turns:
+    """One ``sample`` call's view of a ``TurnCache``: row r of the call continues episode ``episodes[r]``."""
+
+    def __init__(self, cache: TurnCache, episodes: list, prompt_ids: Sequence[Sequence[int]]):
+        self.cache, self.episodes = cache, episodes
+        # the cached prefix each row can take: at least one prompt token is left to encode (its logits start decoding)
+        self.reuse = []
+        for e, ids in zip(episodes, prompt_ids):
+            entry = cache.episodes.get(e)
+            self.reuse.append(min(shared_prefix_length(entry.ids, ids), len(ids) - 1) if entry is not None else 0)
+
+    def prefill(self, model, kw, prompt_ids, rows, prefix, max_new_tokens, pad, dev):
+        """Lay each row out as ``[left padding][reused keys][left padding][new tokens]`` and encode the new tokens.
+
+        A row's reused keys are its episode's cached prefix, or the call's shared prefix when that is longer (a first
+        turn). Positions count real tokens only (``position_ids_from_mask``), so each token sits where a plain pass
+        over the whole conversation puts it. Returns what ``_prefill`` returns but the shared-KV flag."""
+        prefix_kv, L = prefix
+        starts = []  # per row: (length, per-layer (k, v) of shape (1, Hk, length, d)) or (0, None)
+        for r in rows:
+            k = self.reuse[r]
+            entry = self.cache.episodes.get(self.episodes[r])
+            if entry is not None and k >= max(L, 1):
+                starts.append((k, [(kk[:, :, :k], vv[:, :, :k]) for kk, vv in entry.kv]))
+                self.cache.reused_tokens += k
+            elif L:
+                starts.append((L, prefix_kv))
+            else:
+                starts.append((0, None))
+        S0 = max(k for k, _ in starts)
+        sfx_ids, sfx_mask = _left_pad([prompt_ids[r][k:] for r, (k, _) in zip(rows, starts)], pad, dev)  # (B, U)
+        self.cache.prefilled_tokens += int(sfx_mask.sum())
+        U = sfx_ids.shape[1]
+        cache = _growing_cache(model, S0 + U + max_new_tokens)
+        start_mask = torch.zeros(len(rows), S0, dtype=sfx_mask.dtype, device=dev)
+        if S0:
+            layers = next(kv for k, kv in starts if k)
+            for i, layer in enumerate(cache.layers):
+                k_like, v_like = layers[i]
+                keys = k_like.new_zeros(len(rows), k_like.shape[1], S0, k_like.shape[3])
+                values = v_like.new_zeros(len(rows), v_like.shape[1], S0, v_like.shape[3])
+                for b, (k, kv) in enumerate(starts):
+                    if k:
+                        keys[b, :, S0 - k :], values[b, :, S0 - k :] = kv[i][0][0, :, :k], kv[i][1][0, :, :k]
+                layer.update(keys, values)
+            for b, (k, _) in enumerate(starts):
+                start_mask[b, S0 - k :] = 1
+        attn = torch.cat([start_mask, sfx_mask], dim=1)  # (B, S0+U)
+        pos = position_ids_from_mask(attn)[:, -U:]
+        logits, cache = _forward(model, kw, sfx_ids, attn, pos, cache)
+        return logits, cache, attn, pos
+
+    def store(self, lines, rows, prompt_ids, out_tokens, length, cache, attn) -> None:
+        """Keep the keys of rows that leave the compute batch: ``lines`` pairs (line of the batch, row of the call).
+        A row's keys are those of its prompt and of every completion token but the last (never fed to the model)."""
+        for line, b in lines:
+            r = rows[b]
+            new = out_tokens[b, : max(int(length[b]) - 1, 0)].tolist()
+            ids = list(prompt_ids[r]) + new
+            real = attn[line].nonzero().flatten()[: len(ids)]
+            kv = [(layer.keys[line : line + 1, :, real].clone(), layer.values[line : line + 1, :, real].clone())
+                  for layer in cache.layers]
+            self.cache.episodes[self.episodes[r]] = _Episode(ids=ids, kv=kv)
 
 
 SHARED_PREFIX_MIN_TOKENS = 8
@@ -611,7 +784,8 @@ def pad_cat(tensors: Sequence[torch.Tensor], value, left: bool) -> torch.Tensor:
 def sample(model, tokenizer, prompts: Sequence[Prompt], *, n: int = 1, max_new_tokens: int = 64,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
            stop: str | Sequence[str] | StopFn | None = None, system: str | None = None, chat: bool = True,
-           batch_size: int = 64, seed: int | None = None, progress: bool = False) -> Samples:
+           batch_size: int = 64, seed: int | None = None, progress: bool = False,
+           turn_cache: TurnCache | None = None, episode_ids: Sequence | None = None) -> Samples:
     """Sample ``n`` completions for each prompt, in batches of ``batch_size`` rows.
 
     stop: a string, a list of strings, or a function ``f(completion_text) -> bool``; the completion
@@ -620,12 +794,21 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], *, n: int = 1, max_new_t
     temperature: 0 means greedy. top_p / top_k filter the sampling distribution; the returned
           ``logprobs`` are under softmax(logits / temperature) before filtering, i.e. what
           ``completion_logprobs(..., temperature=temperature)`` recomputes.
+    turn_cache, episode_ids: multi-turn rollouts (``TurnCache``): row i continues episode ``episode_ids[i]`` and
+          encodes only the part of its prompt that its episode's cached prompt and completion do not cover (n = 1).
     """
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"n and max_new_tokens must be ≥ 1 (got n={n}, max_new_tokens={max_new_tokens})")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("sample() needs at least one prompt")
+    if turn_cache is not None:
+        episode_ids = list(episode_ids) if episode_ids is not None else []
+        if n != 1 or len(episode_ids) != len(prompts) or len(set(episode_ids)) != len(episode_ids):
+            raise ValueError(f"a turn cache continues one episode per prompt: n must be 1 (got {n}) and episode_ids "
+                             f"{len(prompts)} distinct ids (got {len(episode_ids)}, {len(set(episode_ids))} distinct)")
+    elif episode_ids is not None:
+        raise ValueError("episode_ids go with a turn_cache (sample(..., turn_cache=TurnCache(), episode_ids=...))")
     if isinstance(stop, str):
         stops, stop_fn = [stop], None
     elif callable(stop):
@@ -638,7 +821,7 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], *, n: int = 1, max_new_t
     if seed is not None:
         generator = torch.Generator(device=dev).manual_seed(seed)
     eos = _eos_ids(model, tokenizer)
-    if SHARE_PROMPT_PREFILL:
+    if SHARE_PROMPT_PREFILL and turn_cache is None:
         index = {text: i for i, text in enumerate(dict.fromkeys(rendered))}  # distinct rendered prompts, in order
         texts = list(index)
         rows = [index[text] for text in rendered for _ in range(n)]
@@ -647,6 +830,9 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], *, n: int = 1, max_new_t
         rows = list(range(len(texts)))
     prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     kw = _cache_kw(model)
+    turns = None  # a model whose cache is not kept as full keys (sliding window) prefills every turn in full
+    if turn_cache is not None and _growing_cache(model, 1) is not None:
+        turns = _Turns(turn_cache, episode_ids, prompt_ids)
     shared_kv = SHARE_PROMPT_PREFILL and _uses_shared_kv(model)
     was_training = model.training
     model.eval()
@@ -656,17 +842,19 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], *, n: int = 1, max_new_t
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="sampling", unit="batch")
+    bf16 = dev.type == "cpu" and precision(dev)[0] == "bf16"
     try:
-        with _fast_small_linears(model):
+        with autocast(dev), _fast_linears(model, bf16):
             prefix = (None, 0)
             L = common_prefix_length(prompt_ids)
-            if SHARE_PROMPT_PREFILL and L >= SHARED_PREFIX_MIN_TOKENS and (len(texts) > 1 or len(rows) > batch_size):
+            if (SHARE_PROMPT_PREFILL and L >= SHARED_PREFIX_MIN_TOKENS and (len(texts) > 1 or len(rows) > batch_size)
+                    and (turns is None or min(turns.reuse) < L)):  # not when every row continues a longer cache
                 kv = _prefix_kv(model, kw, prompt_ids[0][:L], dev)
                 prefix = (kv, L) if kv is not None else prefix
             for s in starts:
                 chunks.append(_sample_batch(model, tokenizer, kw, prompt_ids, rows[s : s + batch_size], prefix,
                                             max_new_tokens, temperature, top_p, top_k, stops, stop_fn, eos, generator,
-                                            shared_kv))
+                                            shared_kv, turns))
     finally:
         model.train(was_training)
     out = Samples.concat(chunks, pad_id=tokenizer.pad_token_id)

@@ -26,3 +26,5 @@ def _isolated_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv("RLNLP_VIS", str(tmp_path / "vis"))
     if "RLNLP_PROFILE" not in __import__("os").environ:  # unit tests run the smoke presets unless told otherwise
         monkeypatch.setenv("RLNLP_PROFILE", "smoke")
+    if "RLNLP_DTYPE" not in __import__("os").environ:  # and in fp32: they compare against exact references
+        monkeypatch.setenv("RLNLP_DTYPE", "fp32")

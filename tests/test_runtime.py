@@ -75,3 +75,58 @@ def test_banner_reports_profile_and_expected_time(capsys, monkeypatch):
     info = runtime.banner("00 tour", seed=1, expected={"smoke": "1 min", "full": "10 s"})
     out = capsys.readouterr().out
     assert info["profile"] == "smoke" and "1 min" in out and "00 tour" in out
+
+
+# --- precision: bf16 autocast where the CPU computes bf16 natively, fp32 elsewhere ----------------------------------
+
+@pytest.fixture
+def fresh_detection(monkeypatch):
+    """Forget the once-per-process answer of ``cpu_native_bf16`` and any RLNLP_DTYPE, for this test only."""
+    monkeypatch.setattr(runtime, "_NATIVE_BF16", None)
+    monkeypatch.delenv("RLNLP_DTYPE", raising=False)
+    monkeypatch.delenv("RLNLP_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_a_cpu_without_native_bf16_computes_in_fp32(fresh_detection, monkeypatch):
+    # mutation seen to fail: cpu_native_bf16 returning True whatever the flags say
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"fpu", "sse2", "avx2", "avx512f"})
+    assert runtime.precision() == ("fp32", "the CPU has none of avx512_bf16, amx_bf16")
+    with runtime.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    info = runtime.banner("t")
+    assert info["compute"].startswith("fp32") and info["dtype"] == "float32"
+
+
+def test_a_cpu_with_bf16_flags_autocasts_and_keeps_fp32_weights(fresh_detection, monkeypatch):
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"avx2", "amx_bf16", "amx_tile"})
+    assert runtime.precision() == ("bf16", "the CPU has amx_bf16")
+    layer = torch.nn.Linear(8, 4)
+    with runtime.autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert layer(torch.randn(2, 8)).dtype == torch.bfloat16
+    assert layer.weight.dtype == torch.float32 and runtime.dtype() == torch.float32  # master weights stay fp32
+
+
+def test_without_cpu_flags_a_timed_matmul_decides_once(fresh_detection, monkeypatch):
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: None)  # macOS, Windows
+    calls = []
+    monkeypatch.setattr(runtime, "_bf16_matmul_is_faster", lambda: calls.append(1) or False)
+    assert runtime.precision()[0] == "fp32" and runtime.precision()[0] == "fp32"
+    assert calls == [1]  # timed once per process, then cached
+    monkeypatch.setattr(runtime, "_NATIVE_BF16", None)
+    monkeypatch.setattr(runtime, "_bf16_matmul_is_faster", lambda: True)
+    assert runtime.precision()[0] == "bf16"
+
+
+def test_rlnlp_dtype_overrides_and_a_bad_value_names_the_choices(fresh_detection, monkeypatch):
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setenv("RLNLP_DTYPE", "FP32")
+    assert runtime.precision() == ("fp32", "set by RLNLP_DTYPE")
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: set())
+    monkeypatch.setenv("RLNLP_DTYPE", "bf16")
+    assert runtime.precision()[0] == "bf16"
+    monkeypatch.setenv("RLNLP_DTYPE", "fp16")
+    with pytest.raises(ValueError) as err:
+        runtime.precision()
+    assert "\n" not in str(err.value) and "fp32, bf16" in str(err.value) and "'fp16'" in str(err.value)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
+import torch
+
 from ..envs.base import Episode
 from ..sampling import Samples, sample
 from .config import ArcherConfig
@@ -17,6 +19,7 @@ class Utterances:
     observations: list[str]
     texts: list[str]
     samples: Samples
+    old_logprobs: torch.Tensor | None = None  # PPO's π_old per token (``actor.old_logprobs``), set before the first update
 
 
 def act(model, tokenizer, env, observations: list[str], cfg: ArcherConfig, n: int = 1, seed: int | None = None,

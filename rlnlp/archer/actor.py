@@ -34,16 +34,37 @@ def _policy_loss(model, s: Samples, sl: slice, advantages: torch.Tensor, loss_ki
     return loss, st
 
 
+@torch.no_grad()
+def old_logprobs(model, u: Utterances, cfg: ArcherConfig) -> torch.Tensor:
+    """PPO's π_old: the log-probs of every row of ``u`` under the training forward itself, in the chunks
+    ``policy_step`` uses on all rows, so that ρ = π / π_old is exactly 1 before the first update. The sampler's own
+    log-probs come from a KV-cached forward that differs from the training forward by ~3e-6 nats per token in fp32
+    and ~3e-2 (up to ~0.2) in bf16: used as π_old, that noise would move every ratio before any learning."""
+    s = u.samples.select(list(range(len(u.texts))))
+    dev = next(model.parameters()).device
+    out = []
+    for lo in range(0, len(u.texts), cfg.train_batch):
+        sl = slice(lo, min(len(u.texts), lo + cfg.train_batch))
+        args = [x[sl].to(dev) for x in (s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask)]
+        out.append(completion_logprobs(model, *args, temperature=cfg.temperature))
+    return torch.cat(out).to(s.logprobs.device)
+
+
 def policy_step(model, opt, u: Utterances, advantages: torch.Tensor, cfg: ArcherConfig, loss_kind: str,
                 rows: list[int] | None = None) -> dict:
     """ONE optimiser step on ``rows`` of ``u`` (all by default), in chunks of train_batch with gradient accumulation.
 
     reinforce:  L = −mean_b(A_b · Σ_t log π(a_bt))
-    ppo:        L = −mean_bt(min(ρ_bt·A_b, clip(ρ_bt, 1 ± ε)·A_b)),  ρ = π / π_old (π_old: the sampling log-probs)
+    ppo:        L = −mean_bt(min(ρ_bt·A_b, clip(ρ_bt, 1 ± ε)·A_b)),  ρ = π / π_old (π_old: ``old_logprobs``, taken
+                on the first step over ``u``, before any update)
     both:       + β · mean_bt(k3(π ‖ π_ref))  when kl_coef > 0
     """
     rows = list(range(len(u.texts))) if rows is None else rows
+    if loss_kind == "ppo" and u.old_logprobs is None:
+        u.old_logprobs = old_logprobs(model, u, cfg)
     s = u.samples.select(rows)
+    if loss_kind == "ppo":
+        s.logprobs = u.old_logprobs[torch.as_tensor(rows, dtype=torch.long)][:, : s.logprobs.shape[1]]
     adv = advantages[torch.as_tensor(rows, dtype=torch.long)]
     B = len(rows)
     opt.zero_grad()

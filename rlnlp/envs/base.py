@@ -62,29 +62,78 @@ def rollout(env: TextEnv, policy: Callable[[str], str], seed: int | None = None,
     return ep
 
 
+class LMPolicy:
+    """A language model as a batched policy: ``policy(observations) -> actions``, one ``sample`` call per step.
+
+    ``prompt(observation)`` builds the prompt (a string or chat messages) of one observation; ``sample_kwargs`` go
+    to ``rlnlp.sample`` (``max_new_tokens``, ``temperature``, ``stop`` …). Driven by ``rollout_many``, each
+    episode's keys and values are carried from one step to the next (``reuse_kv``, a ``TurnCache``): a step encodes
+    only the prompt tokens its episode's previous prompt and action did not already cover — exact, whatever the
+    prompt looks like. ``last`` holds the latest ``Samples`` (token ids and log-probs of the actions).
+    """
+
+    def __init__(self, model, tokenizer, prompt: Callable[[str], object] | None = None, *, reuse_kv: bool = True,
+                 **sample_kwargs):
+        from ..sampling import TurnCache
+
+        if sample_kwargs.get("n", 1) != 1:
+            raise ValueError("an LMPolicy takes one action per observation (n = 1)")
+        self.model, self.tokenizer, self.prompt = model, tokenizer, prompt or (lambda observation: observation)
+        self.sample_kwargs = sample_kwargs
+        self.turn_cache = TurnCache() if reuse_kv else None
+        self.last = None
+
+    def __call__(self, observations: list[str], episode_ids: list | None = None) -> list[str]:
+        from ..sampling import sample
+
+        reuse = self.turn_cache is not None and episode_ids is not None
+        self.last = sample(self.model, self.tokenizer, [self.prompt(o) for o in observations],
+                           turn_cache=self.turn_cache if reuse else None, episode_ids=episode_ids if reuse else None,
+                           **self.sample_kwargs)
+        return self.last.texts
+
+    def release(self, episode_ids: list) -> None:
+        """Free the cached keys of episodes that ended."""
+        if self.turn_cache is not None:
+            self.turn_cache.release(episode_ids)
+
+
 def rollout_many(envs: list[TextEnv], policy: Callable[[list[str]], list[str]], seeds: list[int | None] | None = None,
                  max_steps: int = 100) -> list[Episode]:
     """Run one episode in each env in lockstep: ``policy(observations) -> actions`` is called ONCE per
-    step for every episode still running, so an LM policy samples them in one batch."""
+    step for every episode still running, so an LM policy samples them in one batch. An ``LMPolicy`` is also told
+    which episode each observation belongs to (it keeps each episode's KV cache between steps) and which ended."""
     seeds = seeds if seeds is not None else [None] * len(envs)
     if len(seeds) != len(envs):
         raise ValueError(f"rollout_many got {len(seeds)} seeds for {len(envs)} environments")
     episodes = [Episode(observations=[env.reset(seed)]) for env, seed in zip(envs, seeds)]
-    for _ in range(max_steps):
-        running = [i for i, ep in enumerate(episodes) if not ep.done]
-        if not running:
-            break
-        actions = policy([episodes[i].observations[-1] for i in running])
-        if len(actions) != len(running):
-            raise ValueError(f"the policy returned {len(actions)} actions for {len(running)} observations")
-        for i, action in zip(running, actions):
-            obs, reward, done, info = envs[i].step(action)
-            ep = episodes[i]
-            ep.actions.append(action)
-            ep.rewards.append(float(reward))
-            ep.infos.append(dict(info))
-            ep.observations.append(obs)
-            ep.done = bool(done)
+    run = object()  # episode ids of this call: (run, i), never those of another rollout sharing the policy
+    tracked = isinstance(policy, LMPolicy)
+    try:
+        for _ in range(max_steps):
+            running = [i for i, ep in enumerate(episodes) if not ep.done]
+            if not running:
+                break
+            observations = [episodes[i].observations[-1] for i in running]
+            if tracked:
+                actions = policy(observations, episode_ids=[(run, i) for i in running])
+            else:
+                actions = policy(observations)
+            if len(actions) != len(running):
+                raise ValueError(f"the policy returned {len(actions)} actions for {len(running)} observations")
+            for i, action in zip(running, actions):
+                obs, reward, done, info = envs[i].step(action)
+                ep = episodes[i]
+                ep.actions.append(action)
+                ep.rewards.append(float(reward))
+                ep.infos.append(dict(info))
+                ep.observations.append(obs)
+                ep.done = bool(done)
+            if tracked:
+                policy.release([(run, i) for i in running if episodes[i].done])
+    finally:
+        if tracked:
+            policy.release([(run, i) for i in range(len(envs))])
     return episodes
 
 

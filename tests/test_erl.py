@@ -6,6 +6,7 @@ import copy
 import functools
 import json
 import math
+import re
 from collections import defaultdict
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from trl import GRPOTrainer
 
 import rlnlp.erl as erl
+import rlnlp.erl.step as erl_step
 import rlnlp.erl.trainer as erl_trainer
 from rlnlp.envs import feedback_tasks as ft
 from rlnlp.erl import (ERLConfig, ERLTrainer, deal_rows, erl_advantages, internalization_labels, internalization_loss,
@@ -130,13 +132,50 @@ def test_config_rejects_bad_values_and_unsupported_generation_options():
         ERLConfig(internalization_rule="always", **kw)
     with pytest.raises(NotImplementedError, match="adaptive entropy"):
         ERLConfig(algorithm="split", use_adaptive_entropy=True, **kw)
-    check = ERLTrainer._check_generation_options
+    check = erl_step.sampler_options
     assert check(ERLConfig(temperature=0.7, top_p=0.9, top_k=5, **kw)) == {"temperature": 0.7, "top_p": 0.9, "top_k": 5}
     assert check(ERLConfig(generation_kwargs={"temperature": 0.3}, **kw))["temperature"] == 0.3  # TRL: kwargs win
     assert check(ERLConfig(generation_kwargs={"do_sample": False}, **kw))["temperature"] == 0.0
     for bad in (dict(min_p=0.1), dict(repetition_penalty=1.2), dict(generation_kwargs={"num_beams": 2})):
         with pytest.raises(NotImplementedError):
             check(ERLConfig(**bad, **kw))
+
+
+def test_erl_fields_carry_help_and_check_themselves():
+    """TRL's HfArgumentParser shows ERL's options with their help and parses them (``--tasks a b`` → a tuple of
+    names); a bad value of ERL's own is one ValueError naming the field, also after an in-place change
+    (``check``) and through ``train_run``'s overrides, before any model loads. Mutations seen to fail: a field
+    without help metadata; ``tasks: tuple[str, ...]`` (the parser split "json_key" into letters); an empty
+    ``_RULES``; ``train_run`` without ``cfg.check()``."""
+    from dataclasses import fields
+
+    from transformers import HfArgumentParser
+    from trl import GRPOConfig
+
+    trl_names = {f.name for f in fields(GRPOConfig)}
+    own = [f for f in fields(ERLConfig) if f.name not in trl_names]
+    assert len(own) >= 18 and [f.name for f in own if not f.metadata.get("help")] == []
+    parser = HfArgumentParser(ERLConfig)
+    assert "τ: samples with r1 < τ are reflected on and retried" in " ".join(parser.format_help().split())
+    cfg, = parser.parse_args_into_dataclasses(["--output_dir", "/tmp/x", "--use_cpu", "--bf16", "false", "--tasks",
+                                               "json_key", "arithmetic", "--internalization_rule", "improved"])
+    assert cfg.tasks == ("json_key", "arithmetic") and cfg.internalization_rule == "improved"
+    kw = dict(output_dir="/tmp/x", use_cpu=True, bf16=False)
+    for bad, words in [(dict(memory_size=-1), "ERLConfig.memory_size must be an integer ≥ 0, got -1"),
+                       (dict(memory_retrieval="random"), "ERLConfig.memory_retrieval must be one of 'recency', "),
+                       (dict(reward_threshold=float("nan")), "ERLConfig.reward_threshold must be a finite number"),
+                       (dict(reflection_max_new_tokens=0), "ERLConfig.reflection_max_new_tokens must be an integer ≥ 1"),
+                       (dict(tasks=[]), "ERLConfig.tasks must name at least one feedback task")]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            ERLConfig(**bad, **kw)
+    cfg = ERLConfig(**kw)
+    cfg.memory_top_k = -2
+    with pytest.raises(ValueError, match="ERLConfig.memory_top_k must be an integer ≥ 0"):
+        cfg.check()
+    with pytest.raises(ValueError, match="ERLConfig.internalization_coef must be a finite number ≥ 0"):
+        erl.train_run(ERLConfig.smoke(), internalization_coef=-1.0)
+    with pytest.raises(TypeError, match="no field"):
+        erl.train_run(ERLConfig.smoke(), memory_sise=3)
 
 
 def test_rows_are_dealt_evenly_and_padding_trimmed():

@@ -43,8 +43,9 @@ Evaluation (``evaluate``) answers held-out prompts greedily with NO reflection.
 
 The package, by role: ``config`` (ERLConfig and its presets), ``memory`` (the reflection memory and its
 rules), ``objective`` (advantages, the internalization loss, row selection), ``packing`` (the packed
-forward), ``trainer`` (ERLTrainer, TimedGRPOTrainer), ``experiments`` (evaluation, ERL vs GRPO runs) and
-``bench`` (``python -m rlnlp.bench erl`` / ``erl-seeds``). Every name is importable from ``rlnlp.erl``.
+forward), ``step`` (one step's record, ``ERLStep``, and the batch it becomes), ``trainer`` (ERLTrainer,
+TimedGRPOTrainer), ``experiments`` (evaluation, ERL vs GRPO runs) and ``bench`` (``python -m rlnlp.bench erl``
+/ ``erl-seeds``). Every name is importable from ``rlnlp.erl``.
 """
 from .bench import BENCH_PHASES, bench_main, bench_step, seeds_main
 from .config import (COMPLETION_KEYS, DEFAULT_REFLECTION_PROMPT, DEFAULT_RETRY_PROMPT, INTERNALIZATION_RULES, PARTS,
@@ -54,11 +55,13 @@ from .memory import ReflectionMemory, should_internalize, should_store
 from .objective import (deal_rows, erl_advantages, internalization_labels, internalization_loss, select_rows,
                         trim_padding)
 from .packing import PackedForward, pack_rows, prefix_tree_pack
-from .trainer import ERLTrainer, PhaseClock, TimedGRPOTrainer
+from .step import ERLStep
+from .trainer import ERLLoss, ERLTrainer, PhaseClock, ScaffoldSampler, TimedGRPOTrainer
 
 __all__ = ["BENCH_PHASES", "COMPLETION_KEYS", "DEFAULT_REFLECTION_PROMPT", "DEFAULT_RETRY_PROMPT", "ERLConfig",
-           "ERLTrainer", "INTERNALIZATION_RULES", "METHODS", "PARTS", "PackedForward", "PhaseClock", "REFLECTION_FIELDS",
-           "RETRY_FIELDS", "ROW_KEYS", "ReflectionMemory", "RunResult", "SAMPLER_GENERATION_KWARGS", "TimedGRPOTrainer",
+           "ERLLoss", "ERLStep", "ERLTrainer", "INTERNALIZATION_RULES", "METHODS", "PARTS", "PackedForward",
+           "PhaseClock", "REFLECTION_FIELDS", "RETRY_FIELDS", "ROW_KEYS", "ReflectionMemory", "RunResult",
+           "SAMPLER_GENERATION_KWARGS", "ScaffoldSampler", "TimedGRPOTrainer",
            "bench_main", "bench_step", "deal_rows", "erl_advantages", "evaluate", "grpo_at_erl_budget",
            "internalization_labels", "internalization_loss", "make_trainer", "pack_rows", "prefix_tree_pack",
            "seeds_main", "select_rows", "should_internalize", "should_store", "train_run", "trim_padding"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -113,8 +113,12 @@ def train_run(cfg: ERLConfig, method: str = "erl", *, eval_rows: Sequence[dict] 
     cfg = copy.deepcopy(cfg)
     cfg.output_dir = str(Path(cfg.output_dir) / method)
     cfg.max_steps = max_steps or cfg.max_steps
+    unknown = set(overrides) - {f.name for f in fields(cfg)}
+    if unknown:
+        raise TypeError(f"train_run: ERLConfig has no field(s) {sorted(unknown)}")
     for key, value in overrides.items():
         setattr(cfg, key, value)
+    cfg.check()  # setattr skips __post_init__: a bad override fails here, not mid-run
     seed_everything(cfg.seed)
     model, tokenizer = load_policy(dtype=torch.float32)  # fp32 master weights; bf16 autocast on a GPU via cfg
     max_new = eval_max_new_tokens or cfg.max_completion_length

@@ -1,4 +1,6 @@
-"""The trainers: ``PhaseClock`` (seconds per phase), ``TimedGRPOTrainer`` (the baseline) and ``ERLTrainer``."""
+"""The trainers: ``PhaseClock`` (seconds per phase), ``TimedGRPOTrainer`` (the baseline) and ``ERLTrainer``, whose
+generation step runs as phases over one ``ERLStep`` record: first attempts, gate, reflect, retry, remember,
+assemble, log."""
 from __future__ import annotations
 
 import contextlib
@@ -9,33 +11,15 @@ from typing import Callable
 import torch
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
-from trl.trainer.utils import pad
 
 from ..models import resolve_policy
 from ..sampling import sample
-from .config import PARTS, ROW_KEYS, SAMPLER_GENERATION_KWARGS, ERLConfig
+from .config import PARTS, ROW_KEYS, ERLConfig
 from .memory import ReflectionMemory, should_internalize, should_store
 from .objective import deal_rows, erl_advantages, internalization_loss, select_rows
 from .packing import PackedForward
-
-
-def _last_user_text(prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    content = prompt[-1]["content"] if prompt and prompt[-1].get("role") == "user" else None
-    if not isinstance(content, str):
-        raise ValueError("ERLTrainer: a conversational prompt must end with a user turn whose content is text; got "
-                         f"{str(prompt[-1:])[:120]}")
-    return content
-
-
-def _ends_line(text: str) -> bool:
-    """Stop rule for Δ: a line break after some text."""
-    return "\n" in text.lstrip()
-
-
-def _completion_text(completion) -> str:
-    return completion if isinstance(completion, str) else str(completion[-1]["content"])
+from .step import (ERLStep, completion_text, ends_line, internalization_rows, last_user_text, sampler_options,
+                   stack_parts, step_metrics)
 
 
 class PhaseClock:
@@ -80,89 +64,10 @@ class TimedGRPOTrainer(PhaseClock, PackedForward, GRPOTrainer):
         self.packed_forward = packed_forward
 
 
-class ERLTrainer(PhaseClock, PackedForward, GRPOTrainer):
-    """``GRPOTrainer`` plus reflection, retry, memory and internalization. ``feedback_func`` may be None.
+class ScaffoldSampler:
+    """Mixin for ``ERLTrainer``: reflection and retry prompts in the dataset's own format, one call of the shared
+    sampler per phase, and the sampled rows in the y1 batch's layout (with old / reference log-probs)."""
 
-    ``model``: a model id, a local path or a model object; None = the embedded SmolLM2 folder.
-    ``feedback_func(prompts, completions, completion_ids, truncated, **dataset_columns) -> list[str]``:
-    the same keyword arguments as a TRL reward function, plus ``truncated`` (the completion hit the token cap).
-    ``encoder``: an ``rlnlp.models.TextEncoder`` for ``memory_retrieval="similarity"`` (loaded on first use).
-    ``packed_forward``: every forward pass packs rows that share a prompt prefix (``PackedForward``); False: TRL's
-    forward on chunks of ``per_device_train_batch_size`` rows with all-padding columns dropped per chunk.
-    After training: ``memory`` (the stored reflections), ``examples`` (one dict per gated sample: step,
-    prompt, y1, r1, feedback, reflection, y2, r2, stored, internalized) and ``phase_seconds``.
-
-    Chat or plain text follows the dataset, as in TRL: conversational prompts give conversational reflection
-    and retry prompts (system prompt and earlier turns kept, the last user turn replaced by the filled
-    template, rendered with the trainer's chat template and ``chat_template_kwargs``); plain-text prompts
-    give plain-text ones (a base model without a chat template works). Δ and y2 are sampled with TRL's
-    ``temperature`` / ``top_p`` / ``top_k`` (``generation_kwargs`` overriding them, as in TRL); options the
-    shared sampler cannot honour (``min_p``, ``repetition_penalty`` ≠ 1, other ``generation_kwargs``) are refused.
-    """
-
-    def __init__(self, model=None, reward_funcs=None, args: ERLConfig | None = None, train_dataset=None, *,
-                 feedback_func: Callable | None = None, encoder=None, packed_forward: bool = True, **kwargs):
-        model = resolve_policy() if model is None else model
-        if args is None:
-            args = ERLConfig(output_dir="erl-output")
-        if not isinstance(args, ERLConfig):
-            raise TypeError(f"ERLTrainer needs args=ERLConfig(...), got {type(args).__name__}")
-        if reward_funcs is None:
-            raise ValueError("ERLTrainer needs reward_funcs (r1 and r2 are both scored with them)")
-        for name in ("tools", "rollout_func", "environment_factory"):
-            if kwargs.get(name):
-                raise NotImplementedError(f"ERLTrainer supports single-turn prompts; {name}= is not supported")
-        self._sampler_options = self._check_generation_options(args)
-        super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
-        if self.accelerator.num_processes > 1:
-            raise NotImplementedError("ERLTrainer runs in a single process (r2 and the memory are not gathered)")
-        self._clock_init()
-        self.packed_forward = packed_forward
-        self.feedback_func = feedback_func
-        self.memory = ReflectionMemory(args.memory_size, args.memory_retrieval, encoder)
-        self.examples: list[dict] = []
-        self._scored = None
-
-    @staticmethod
-    def _check_generation_options(args: ERLConfig) -> dict:
-        """TRL's generation options as the shared sampler's keywords, or a clear error."""
-        if args.min_p is not None:
-            raise NotImplementedError("ERLConfig.min_p: the shared sampler (rlnlp.sampling.sample) has no min-p filter, "
-                                      "so reflections and retries could not honour it; leave min_p=None")
-        if args.repetition_penalty != 1.0:
-            raise NotImplementedError("ERLConfig.repetition_penalty: the shared sampler has no repetition penalty, "
-                                      "so reflections and retries could not honour it; leave it at 1.0")
-        extra = dict(args.generation_kwargs or {})
-        unknown = set(extra) - SAMPLER_GENERATION_KWARGS
-        if unknown:
-            raise NotImplementedError(f"ERLConfig.generation_kwargs {sorted(unknown)}: the shared sampler supports only "
-                                      f"{sorted(SAMPLER_GENERATION_KWARGS)}")
-        options = {"temperature": extra.get("temperature", args.temperature), "top_p": extra.get("top_p", args.top_p),
-                   "top_k": extra.get("top_k", args.top_k) or 0}
-        if extra.get("do_sample") is False:
-            options["temperature"] = 0.0
-        return options
-
-    # --- phase 1 plumbing: remember what TRL scored so r1 and the y1 texts need no recomputation
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._scored = (inputs, prompts, completions, completion_ids_list, rewards_per_func)
-        return rewards_per_func
-
-    def _weighted_reward(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
-        return (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)  # (N,)
-
-    def _feedback(self, inputs, prompts, completions, completion_ids: list[list[int]], truncated: list[bool]) -> list[str]:
-        if self.feedback_func is None:
-            return [""] * len(prompts)
-        columns = {k: [x[k] for x in inputs] for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")}
-        out = self.feedback_func(prompts=prompts, completions=completions, completion_ids=completion_ids,
-                                 truncated=truncated, trainer_state=self.state, **columns)
-        if not isinstance(out, (list, tuple)) or len(out) != len(prompts) or not all(isinstance(f, str) for f in out):
-            raise ValueError(f"feedback_func must return a list of {len(prompts)} strings, got {str(out)[:120]}")
-        return list(out)
-
-    # --- phases 3 and 4: prompts in the dataset's own format, one sampler call each
     def _scaffold(self, prompt, content: str):
         """The task prompt with its last user turn (or its whole text) replaced by ``content``."""
         if isinstance(prompt, str):
@@ -218,111 +123,11 @@ class ERLTrainer(PhaseClock, PackedForward, GRPOTrainer):
         rows["erl_part"] = torch.full((len(s),), PARTS[part], dtype=torch.long, device=dev)
         return rows
 
-    def _erl_batch(self, inputs: list[dict]) -> dict:
-        """Phases 1–5 and 7's data: one row-aligned batch of y1, Δ, y2 and internalization rows."""
-        args, mode = self.args, "train"
-        y1 = super()._generate_and_score_completions(inputs)  # phase 1 through TRL: y1, r1, group advantages
-        unknown = set(y1) - set(ROW_KEYS) - {"num_items_in_batch"}
-        if unknown:
-            raise NotImplementedError(f"ERLTrainer supports text prompts without tools or vLLM importance sampling; "
-                                      f"the y1 batch carried {sorted(unknown)}")
-        scored_inputs, prompts, completions, y1_ids, rewards_per_func = self._scored
-        r1 = self._weighted_reward(rewards_per_func).to(y1["advantages"].device)  # (B,)
-        eos_and_pad = {*self.eos_token_ids, self._tokenizer.pad_token_id}
-        with self._clock("scoring"):
-            feedback = self._feedback(scored_inputs, prompts, completions, y1_ids,
-                                      [bool(ids) and ids[-1] not in eos_and_pad for ids in y1_ids])
 
-        # phase 2: the gate
-        gated = (r1 < args.reward_threshold).nonzero().flatten().tolist()
-        G = len(gated)
-        r2 = torch.zeros(0, device=r1.device)
-        stored, internalize = [], []
-        if G:
-            texts = [_last_user_text(prompts[i]) for i in gated]
-            # phase 3: all reflections in one sampler call
-            with self._clock("reflection"):
-                memory = [self.memory.format(self.memory.retrieve(t, args.memory_top_k) if args.enable_memory else [])
-                          for t in texts]
-                reflect_prompts = [self._scaffold(prompts[i], args.reflection_system_prompt.format(
-                    prompt=t, attempt=_completion_text(completions[i]).strip(), feedback=feedback[i] or "(none)",
-                    reward=f"{r1[i].item():.3g}", memory=m)) for t, i, m in zip(texts, gated, memory)]
-                reflections = self._sample(reflect_prompts, args.reflection_max_new_tokens, args.reflection_temperature,
-                                           stop=_ends_line if args.reflection_stop_at_newline else None)
-            # phase 4: all retries in one sampler call, from the task and Δ only
-            with self._clock("retry"):
-                retry_prompts = [self._scaffold(prompts[i], args.retry_system_prompt.format(prompt=t, reflection=d.strip()))
-                                 for i, t, d in zip(gated, texts, reflections.texts)]
-                retries = self._sample(retry_prompts, args.max_completion_length)
-            with self._clock("scoring"):
-                conversational = is_conversational({"prompt": prompts[0]})
-                y2 = [[{"role": "assistant", "content": c}] if conversational else c for c in retries.texts]
-                y2_ids = [ids[:n].tolist() for ids, n in zip(retries.completion_ids, retries.lengths.tolist())]  # unpadded
-                gated_inputs, gated_prompts = [scored_inputs[i] for i in gated], [prompts[i] for i in gated]
-                r2 = self._weighted_reward(self._calculate_rewards(gated_inputs, gated_prompts, y2, y2_ids)).to(r1.device)
-                feedback2 = self._feedback(gated_inputs, gated_prompts, y2, y2_ids, [not s for s in retries.stopped])
-            # phase 5: memory; phase 7's choice of retries
-            for j, i in enumerate(gated):
-                a, b = r1[i].item(), r2[j].item()
-                ok = args.enable_memory and should_store(a, b, args.memory_add_threshold)
-                stored.append(ok)
-                if ok:
-                    self.memory.add(reflections.texts[j].strip(), texts[j], a, b, self.state.global_step)
-                internalize.append(args.enable_internalization and args.internalization_coef > 0
-                                   and should_internalize(a, b, args.internalization_rule, args.reward_threshold))
-                self.examples.append({"step": self.state.global_step, "prompt": texts[j],
-                                      "y1": _completion_text(completions[i]), "r1": a, "feedback": feedback[i],
-                                      "reflection": reflections.texts[j], "y2": retries.texts[j], "r2": b,
-                                      "feedback2": feedback2[j], "stored": ok, "internalized": internalize[-1]})
 
-        with self._clock("assemble"):
-            # phase 6's advantages
-            a1, a_reflect, a_retry = erl_advantages(r1, r2, args.algorithm, y1["advantages"],
-                                                    scale=args.scale_rewards != "none")
-            parts = [{**{k: y1[k] for k in ROW_KEYS if k in y1}, "advantages": a1,
-                      "erl_part": torch.full((len(r1),), PARTS["y1"], dtype=torch.long, device=r1.device)}]
-            if G:
-                parts.append(self._rows(y1, reflections, a_reflect, "reflection"))
-                parts.append(self._rows(y1, retries, a_retry, "retry"))
-                keep = torch.tensor([j for j in range(G) if internalize[j]], dtype=torch.long, device=r1.device)
-                if keep.numel():  # phase 7's data: (original prompt → y2)
-                    src = torch.tensor(gated, device=r1.device)[keep]
-                    rows = {k: v[keep] for k, v in parts[-1].items()}  # the chosen retry rows ...
-                    rows["prompt_ids"], rows["prompt_mask"] = y1["prompt_ids"][src], y1["prompt_mask"][src]  # ... under x
-                    rows["advantages"] = torch.zeros_like(rows["advantages"])
-                    rows["erl_part"] = torch.full_like(rows["erl_part"], PARTS["internalization"])
-                    parts.append(rows)
-            batch = {}
-            pad_id = self._tokenizer.pad_token_id
-            for key in parts[0]:
-                if parts[0][key].ndim == 1:
-                    batch[key] = torch.cat([p[key] for p in parts])
-                    continue
-                value = pad_id if key in ("prompt_ids", "completion_ids") else 0
-                side = "left" if key.startswith("prompt") else "right"
-                batch[key] = pad([row for p in parts for row in p[key]], value, side)  # (R, max width)
-            # the token counts each TRL call normalises by (num_items_in_batch: the dapo / cispo / vespo losses)
-            tokens, part = batch["completion_mask"].sum(1), batch["erl_part"]
-            batch["num_items_in_batch"] = tokens[part <= 2].sum()
-            batch["erl_items_y1"] = tokens[part == 0].sum()
-            batch["erl_items_rest"] = tokens[(part == 1) | (part == 2)].sum()
-            batch["erl_items_int"] = tokens[part == 3].sum()
-
-        m = self._metrics[mode]
-        m["charts/r1"].append(r1.mean().item())
-        m["charts/r2"].append(r2.mean().item() if G else float("nan"))
-        m["charts/r1_gated"].append(r1[gated].mean().item() if G else float("nan"))
-        m["stats/gate_fraction"].append(G / len(r1))
-        m["stats/memory_size"].append(float(len(self.memory)))
-        m["stats/memory_added"].append(float(sum(stored)))
-        m["stats/retry_improved"].append(float((r2 > r1[gated]).float().mean()) if G else float("nan"))
-        prompt_tokens = batch["prompt_mask"].sum(1)
-        for name, code in PARTS.items():  # what is trained: rows with ≥ 1 loss token, their loss tokens and prompts
-            trained = (part == code) & (tokens > 0)
-            m[f"stats/rows_{name}"].append(float(trained.sum()))
-            m[f"stats/tokens_{name}"].append(float(tokens[trained].sum()))
-            m[f"stats/prompt_tokens_{name}"].append(float(prompt_tokens[trained].sum()))
-        return batch
+class ERLLoss:
+    """Mixin for ``ERLTrainer``: phases 6 and 7 — the mixed batch dealt over micro-batches, then per micro-batch
+    one TRL loss call per GRPO term plus the internalization cross-entropy."""
 
     def _prepare_inputs(self, generation_batch):
         if not self.model.training:  # evaluation is plain GRPO on the policy alone, no reflection
@@ -367,3 +172,168 @@ class ERLTrainer(PhaseClock, PackedForward, GRPOTrainer):
             loss = self.args.internalization_coef * loss
             total = loss if total is None else total + loss
         return total
+
+
+class ERLTrainer(ERLLoss, ScaffoldSampler, PhaseClock, PackedForward, GRPOTrainer):
+    """``GRPOTrainer`` plus reflection, retry, memory and internalization. ``feedback_func`` may be None.
+
+    ``model``: a model id, a local path or a model object; None = the embedded SmolLM2 folder.
+    ``feedback_func(prompts, completions, completion_ids, truncated, **dataset_columns) -> list[str]``:
+    the same keyword arguments as a TRL reward function, plus ``truncated`` (the completion hit the token cap).
+    ``encoder``: an ``rlnlp.models.TextEncoder`` for ``memory_retrieval="similarity"`` (loaded on first use).
+    ``packed_forward``: every forward pass packs rows that share a prompt prefix (``PackedForward``); False: TRL's
+    forward on chunks of ``per_device_train_batch_size`` rows with all-padding columns dropped per chunk.
+    After training: ``memory`` (the stored reflections), ``examples`` (one dict per gated sample: step,
+    prompt, y1, r1, feedback, reflection, y2, r2, stored, internalized) and ``phase_seconds``.
+
+    Chat or plain text follows the dataset, as in TRL: conversational prompts give conversational reflection
+    and retry prompts (system prompt and earlier turns kept, the last user turn replaced by the filled
+    template, rendered with the trainer's chat template and ``chat_template_kwargs``); plain-text prompts
+    give plain-text ones (a base model without a chat template works). Δ and y2 are sampled with TRL's
+    ``temperature`` / ``top_p`` / ``top_k`` (``generation_kwargs`` overriding them, as in TRL); options the
+    shared sampler cannot honour (``min_p``, ``repetition_penalty`` ≠ 1, other ``generation_kwargs``) are refused.
+    """
+
+    def __init__(self, model=None, reward_funcs=None, args: ERLConfig | None = None, train_dataset=None, *,
+                 feedback_func: Callable | None = None, encoder=None, packed_forward: bool = True, **kwargs):
+        model = resolve_policy() if model is None else model
+        if args is None:
+            args = ERLConfig(output_dir="erl-output")
+        if not isinstance(args, ERLConfig):
+            raise TypeError(f"ERLTrainer needs args=ERLConfig(...), got {type(args).__name__}")
+        if reward_funcs is None:
+            raise ValueError("ERLTrainer needs reward_funcs (r1 and r2 are both scored with them)")
+        for name in ("tools", "rollout_func", "environment_factory"):
+            if kwargs.get(name):
+                raise NotImplementedError(f"ERLTrainer supports single-turn prompts; {name}= is not supported")
+        self._sampler_options = sampler_options(args)
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
+        if self.accelerator.num_processes > 1:
+            raise NotImplementedError("ERLTrainer runs in a single process (r2 and the memory are not gathered)")
+        self._clock_init()
+        self.packed_forward = packed_forward
+        self.feedback_func = feedback_func
+        self.memory = ReflectionMemory(args.memory_size, args.memory_retrieval, encoder)
+        self.examples: list[dict] = []
+        self._catch_scored = None
+
+    def _erl_batch(self, inputs: list[dict]) -> dict:
+        """One generation step, phase by phase around one ``ERLStep``; returns the row-aligned batch of y1, Δ, y2
+        and internalization rows (phases 6 and 7 train on it: ``ERLLoss``)."""
+        step = self._first_attempts(inputs)
+        self._gate(step)
+        if step.gated:
+            self._reflect(step)
+            self._retry(step)
+            self._remember(step)
+        with self._clock("assemble"):
+            step.batch = self._assemble(step)
+        self._log(step)
+        return step.batch
+
+    # --- phase 1: first attempts through TRL
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self._catch_scored is not None:
+            self._catch_scored.append((inputs, prompts, completions, completion_ids_list, rewards_per_func))
+        return rewards_per_func
+
+    def _first_attempts(self, inputs: list[dict]) -> ERLStep:
+        """y1, r1 and group advantages from TRL's own generation path; the texts and rewards TRL scored are caught
+        on their way through ``_calculate_rewards`` (nothing is generated or scored twice); then f1."""
+        scored: list[tuple] = []
+        self._catch_scored = scored  # only for the length of TRL's call: r2's scoring later is not caught
+        try:
+            y1 = super()._generate_and_score_completions(inputs)
+        finally:
+            self._catch_scored = None
+        unknown = set(y1) - set(ROW_KEYS) - {"num_items_in_batch"}
+        if unknown:
+            raise NotImplementedError(f"ERLTrainer supports text prompts without tools or vLLM importance sampling; "
+                                      f"the y1 batch carried {sorted(unknown)}")
+        scored_inputs, prompts, completions, y1_ids, rewards_per_func = scored[-1]
+        r1 = self._weighted_reward(rewards_per_func).to(y1["advantages"].device)  # (B,)
+        eos_and_pad = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        with self._clock("scoring"):
+            feedback = self._feedback(scored_inputs, prompts, completions, y1_ids,
+                                      [bool(ids) and ids[-1] not in eos_and_pad for ids in y1_ids])
+        return ERLStep(scored_inputs, prompts, completions, y1_ids, y1, r1, feedback)
+
+    def _weighted_reward(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        return (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)  # (N,)
+
+    def _feedback(self, inputs, prompts, completions, completion_ids: list[list[int]], truncated: list[bool]) -> list[str]:
+        if self.feedback_func is None:
+            return [""] * len(prompts)
+        columns = {k: [x[k] for x in inputs] for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")}
+        out = self.feedback_func(prompts=prompts, completions=completions, completion_ids=completion_ids,
+                                 truncated=truncated, trainer_state=self.state, **columns)
+        if not isinstance(out, (list, tuple)) or len(out) != len(prompts) or not all(isinstance(f, str) for f in out):
+            raise ValueError(f"feedback_func must return a list of {len(prompts)} strings, got {str(out)[:120]}")
+        return list(out)
+
+    # --- phase 2: the gate
+    def _gate(self, step: ERLStep) -> None:
+        """Samples with r1 < τ go on to reflection and retry; the rest are done."""
+        step.gated = (step.r1 < self.args.reward_threshold).nonzero().flatten().tolist()
+        step.tasks = [last_user_text(step.prompts[i]) for i in step.gated]
+
+    # --- phases 3 and 4: all reflections in one sampler call, then all retries in one, from the task and Δ only
+    def _reflect(self, step: ERLStep) -> None:
+        args = self.args
+        with self._clock("reflection"):
+            memory = [self.memory.format(self.memory.retrieve(t, args.memory_top_k) if args.enable_memory else [])
+                      for t in step.tasks]
+            prompts = [self._scaffold(step.prompts[i], args.reflection_system_prompt.format(
+                prompt=t, attempt=completion_text(step.completions[i]).strip(), feedback=step.feedback[i] or "(none)",
+                reward=f"{step.r1[i].item():.3g}", memory=m)) for t, i, m in zip(step.tasks, step.gated, memory)]
+            step.reflections = self._sample(prompts, args.reflection_max_new_tokens, args.reflection_temperature,
+                                            stop=ends_line if args.reflection_stop_at_newline else None)
+
+    def _retry(self, step: ERLStep) -> None:
+        with self._clock("retry"):
+            prompts = [self._scaffold(step.prompts[i], self.args.retry_system_prompt.format(prompt=t, reflection=d.strip()))
+                       for i, t, d in zip(step.gated, step.tasks, step.reflections.texts)]
+            step.retries = retries = self._sample(prompts, self.args.max_completion_length)
+        with self._clock("scoring"):
+            conversational = is_conversational({"prompt": step.prompts[0]})
+            y2 = [[{"role": "assistant", "content": c}] if conversational else c for c in retries.texts]
+            y2_ids = [ids[:n].tolist() for ids, n in zip(retries.completion_ids, retries.lengths.tolist())]  # unpadded
+            inputs, prompts = [step.inputs[i] for i in step.gated], [step.prompts[i] for i in step.gated]
+            step.r2 = self._weighted_reward(self._calculate_rewards(inputs, prompts, y2, y2_ids)).to(step.r1.device)
+            step.feedback2 = self._feedback(inputs, prompts, y2, y2_ids, [not s for s in retries.stopped])
+
+    # --- phase 5: memory, and phase 7's choice of retries
+    def _remember(self, step: ERLStep) -> None:
+        args = self.args
+        for j, i in enumerate(step.gated):
+            a, b = step.r1[i].item(), step.r2[j].item()
+            ok = args.enable_memory and should_store(a, b, args.memory_add_threshold)
+            step.stored.append(ok)
+            if ok:
+                self.memory.add(step.reflections.texts[j].strip(), step.tasks[j], a, b, self.state.global_step)
+            step.internalize.append(args.enable_internalization and args.internalization_coef > 0
+                                    and should_internalize(a, b, args.internalization_rule, args.reward_threshold))
+            self.examples.append({"step": self.state.global_step, "prompt": step.tasks[j],
+                                  "y1": completion_text(step.completions[i]), "r1": a, "feedback": step.feedback[i],
+                                  "reflection": step.reflections.texts[j], "y2": step.retries.texts[j], "r2": b,
+                                  "feedback2": step.feedback2[j], "stored": ok, "internalized": step.internalize[-1]})
+
+    # --- assemble: phase 6's advantages and every part's rows in one batch
+    def _assemble(self, step: ERLStep) -> dict:
+        args, y1, r1 = self.args, step.y1, step.r1
+        a1, a_reflect, a_retry = erl_advantages(r1, step.r2, args.algorithm, y1["advantages"],
+                                                scale=args.scale_rewards != "none")
+        parts = [{**{k: y1[k] for k in ROW_KEYS if k in y1}, "advantages": a1,
+                  "erl_part": torch.full((len(r1),), PARTS["y1"], dtype=torch.long, device=r1.device)}]
+        if step.gated:
+            parts.append(self._rows(y1, step.reflections, a_reflect, "reflection"))
+            parts.append(self._rows(y1, step.retries, a_retry, "retry"))
+            internalized = internalization_rows(step, parts[-1])
+            if internalized is not None:
+                parts.append(internalized)
+        return stack_parts(parts, self._tokenizer.pad_token_id)
+
+    def _log(self, step: ERLStep) -> None:
+        for key, value in step_metrics(step, len(self.memory)).items():
+            self._metrics["train"][key].append(value)

@@ -1,7 +1,7 @@
 """Single-turn tasks with a reward in [0, 1] AND a feedback sentence saying what was wrong (ERL, notebook 05).
 
 ERL needs both signals: the reward drives the policy gradient, the feedback is what the model
-reflects on. Five task families; the untrained 135M policy's base rates are in data/erl/README.md
+reflects on. Ten task families; the untrained 135M policy's base rates are in data/erl/README.md
 (json_key, arithmetic and letters are in the learnable zone; frozen_lake is too hard for it):
 
 * ``word_count``  — "Write one sentence about cats with exactly 5 words."
@@ -13,6 +13,16 @@ reflects on. Five task families; the untrained 135M policy's base rates are in d
 * ``frozen_lake`` — FrozenLake as a plan: a 4×4 map in text, answer with the whole move list.
                     1 at the goal, 0 in a hole ("You fell into a hole at step 3 ..."), else
                     0.5 × the fraction of the distance to the goal covered.
+
+Five sparse families with a binary reward, candidates for reflection's zone (first attempts that rarely succeed,
+feedback that says what to change; their measured numbers are in data/erl/README.md):
+
+* ``guess_once``  — "I picked a whole number from 196 to 215. Guess it in one try."  "Your guess 12 is too high."
+* ``digits``      — "What is 878 + 831?" / "What is 47 * 8?"; the feedback names the wrong places, not the answer:
+                    "Your answer 1790 is too high: its ones and tens digits are wrong."
+* ``lake3``       — a 3×3 lake with S and G anywhere: "Step 2, right: you fell into the hole at row 2, column 2."
+* ``json_pair``   — two keys with their values; 1 only when both are right.
+* ``json_value``  — the word must sit under the key "value", a rule only the feedback states.
 
 A reply cut off at the token cap (``truncated=True``) keeps its reward, and its feedback says so first.
 
@@ -28,14 +38,20 @@ Three faces of the same tasks:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
 from pathlib import Path
 from typing import Sequence
 
-TASKS = ("word_count", "arithmetic", "json_key", "letters", "frozen_lake")
+from ..cli import Parser, positive_int, run
+
+TASKS = ("word_count", "arithmetic", "json_key", "letters", "frozen_lake",
+         "guess_once", "digits", "lake3", "json_pair", "json_value")
+# The four sparse families after frozen_lake are candidates for reflection's zone: a first attempt that rarely
+# succeeds (binary reward) and a feedback sentence that says what to change. They come after the first five in
+# ``TASKS`` so that the seeded generator draws the first five families' rows exactly as before.
+SPARSE_TASKS = ("guess_once", "digits", "lake3", "json_pair", "json_value")
 DATA_DIR = Path(__file__).resolve().parent.parent.parent / "data" / "erl"
 NUMBER = re.compile(r"-?\d+")
 
@@ -129,15 +145,15 @@ def _letters(rng: random.Random):
     return f'What is the {kind} letter of the word "{word}"? Reply with the letter only.', {"kind": kind, "word": word}
 
 
-def _lake_path_exists(grid: list[str]) -> bool:
-    seen, frontier = {(0, 0)}, [(0, 0)]
+def _lake_path_exists(grid: list[str], start: tuple[int, int] = (0, 0)) -> bool:
+    seen, frontier = {start}, [start]
     while frontier:
         r, c = frontier.pop()
         if grid[r][c] == "G":
             return True
         for dr, dc in MOVES.values():
             nr, nc = r + dr, c + dc
-            if 0 <= nr < 4 and 0 <= nc < 4 and (nr, nc) not in seen and grid[nr][nc] != "H":
+            if 0 <= nr < len(grid) and 0 <= nc < len(grid[0]) and (nr, nc) not in seen and grid[nr][nc] != "H":
                 seen.add((nr, nc))
                 frontier.append((nr, nc))
     return False
@@ -162,8 +178,59 @@ def _frozen_lake(rng: random.Random):
     return text, {"grid": grid}
 
 
+def _guess_once(rng: random.Random):
+    lo, width = rng.randint(1, 300), rng.choice([10, 20])
+    hi = lo + width - 1
+    return (f"I picked a whole number from {lo} to {hi}. Guess it in one try. Reply with the number only.",
+            {"lo": lo, "hi": hi, "answer": rng.randint(lo, hi)})
+
+
+def _digits(rng: random.Random):
+    if rng.random() < 0.5:
+        a, b, op = rng.randint(100, 999), rng.randint(100, 999), "+"
+    else:
+        a, b, op = rng.randint(12, 99), rng.randint(3, 9), "*"
+    answer = a + b if op == "+" else a * b
+    return f"What is {a} {op} {b}? Reply with the number only.", {"answer": answer}
+
+
+def _lake3(rng: random.Random):
+    """A 3×3 lake with the start and the goal anywhere and 1–2 holes, solvable."""
+    while True:
+        cells = [["F"] * 3 for _ in range(3)]
+        start, goal = rng.sample([(r, c) for r in range(3) for c in range(3)], 2)
+        cells[start[0]][start[1]], cells[goal[0]][goal[1]] = "S", "G"
+        free = [(r, c) for r in range(3) for c in range(3) if (r, c) not in (start, goal)]
+        for r, c in rng.sample(free, rng.randint(1, 2)):
+            cells[r][c] = "H"
+        grid = ["".join(row) for row in cells]
+        if _lake_path_exists(grid, start):
+            break
+    lines = "\n".join(" ".join(row) for row in grid)
+    text = ("A 3x3 frozen lake, row 1 at the top:\n" + lines +
+            "\nS is the start, G the goal, H a hole. Walk from S to G without stepping on H. Reply with the moves "
+            "(up, down, left, right) separated by commas.")
+    return text, {"grid": grid}
+
+
+def _json_pair(rng: random.Random):
+    k1, k2 = rng.sample(JSON_KEYS, 2)
+    v1, v2 = rng.choice(JSON_VALUES[k1]), rng.choice(JSON_VALUES[k2])
+    text = (f'Reply with a JSON object whose key "{k1}" has the value "{v1}" and whose key "{k2}" has the value '
+            f'"{v2}". Reply with the JSON only.')
+    return text, {"pairs": [[k1, v1], [k2, v2]]}
+
+
+def _json_value(rng: random.Random):
+    """The task's convention is not in the prompt: the word must sit under the key "value" (the feedback says so)."""
+    key = rng.choice(JSON_KEYS)
+    value = rng.choice(JSON_VALUES[key])
+    return f'Reply with a JSON object for the {key} "{value}". Reply with the JSON only.', {"value": value}
+
+
 GENERATORS = {"word_count": _word_count, "arithmetic": _arithmetic, "json_key": _json_key, "letters": _letters,
-              "frozen_lake": _frozen_lake}
+              "frozen_lake": _frozen_lake, "guess_once": _guess_once, "digits": _digits, "lake3": _lake3,
+              "json_pair": _json_pair, "json_value": _json_value}
 
 # ----------------------------------------------------------------------------------------------
 # scoring: one function per task returns (reward in [0, 1], feedback sentence)
@@ -252,8 +319,101 @@ def score_frozen_lake(answer: str, spec: dict) -> tuple[float, str]:
                                                f"still {left} steps from the goal; you need more moves.")
 
 
+def _last_number(answer: str) -> int | None:
+    numbers = NUMBER.findall(answer)
+    return int(numbers[-1]) if numbers else None
+
+
+def score_guess_once(answer: str, spec: dict) -> tuple[float, str]:
+    guess, target = _last_number(answer), spec["answer"]
+    if guess is None:
+        return 0.0, f"Your reply contained no number; reply with one number from {spec['lo']} to {spec['hi']}."
+    if guess == target:
+        return 1.0, f"Correct: the number was {target}."
+    if not spec["lo"] <= guess <= spec["hi"]:
+        return 0.0, f"Your guess {guess} is outside {spec['lo']} to {spec['hi']}."
+    return 0.0, f"Your guess {guess} is too {'high' if guess > target else 'low'}."
+
+
+PLACES = ["ones", "tens", "hundreds", "thousands", "ten-thousands"]
+
+
+def score_digits(answer: str, spec: dict) -> tuple[float, str]:
+    """Binary; the feedback names the wrong digits by place (ones, tens, ...) without giving them."""
+    guess, target = _last_number(answer), spec["answer"]
+    if guess is None:
+        return 0.0, "Your reply contained no number; reply with the number in digits only."
+    if guess == target:
+        return 1.0, f"Correct: {target} is the answer."
+    g, t = str(abs(guess))[::-1], str(target)[::-1]
+    if len(g) != len(t):
+        return 0.0, f"Your answer {guess} has {len(g)} digits; the answer has {len(t)}."
+    wrong = [PLACES[i] for i in range(len(t)) if g[i] != t[i]]
+    side = "high" if guess > target else "low"
+    return 0.0, f"Your answer {guess} is too {side}: its {' and '.join(wrong)} digit{'s are' if len(wrong) > 1 else ' is'} wrong."
+
+
+def score_lake3(answer: str, spec: dict) -> tuple[float, str]:
+    """Binary: 1 at the goal, else 0; the feedback names the step, the move and the cell where the plan failed."""
+    grid, moves = spec["grid"], parse_moves(answer)
+    n = len(grid)
+    r, c = next((i, row.index("S")) for i, row in enumerate(grid) if "S" in row)
+    if not moves:
+        return 0.0, "Your reply had no moves; reply with moves such as: down, right."
+    for step, move in enumerate(moves, start=1):
+        dr, dc = MOVES[move]
+        if not (0 <= r + dr < n and 0 <= c + dc < n):
+            return 0.0, f"Step {step}, {move}: you walked off the map from row {r + 1}, column {c + 1}."
+        r, c = r + dr, c + dc
+        if grid[r][c] == "H":
+            return 0.0, f"Step {step}, {move}: you fell into the hole at row {r + 1}, column {c + 1}."
+        if grid[r][c] == "G":
+            return 1.0, f"Correct: you reached the goal in {step} moves."
+    gr, gc = next((i, row.index("G")) for i, row in enumerate(grid) if "G" in row)
+    return 0.0, (f"Your {len(moves)} moves stopped at row {r + 1}, column {c + 1}; the goal is at row {gr + 1}, "
+                 f"column {gc + 1}.")
+
+
+def score_json_pair(answer: str, spec: dict) -> tuple[float, str]:
+    """Binary: 1 when both keys have their values; the feedback names the first fault."""
+    start, end = answer.find("{"), answer.rfind("}")
+    if start < 0 or end <= start:
+        return 0.0, "Your reply contains no JSON object."
+    try:
+        obj = json.loads(answer[start : end + 1])
+    except json.JSONDecodeError as err:
+        return 0.0, f"Your reply is not valid JSON ({err.msg.lower()})."
+    if not isinstance(obj, dict):
+        return 0.0, "Your JSON is not an object with keys."
+    for key, value in spec["pairs"]:
+        if key not in obj:
+            return 0.0, f'Your JSON has no key "{key}"; it has {sorted(map(str, obj))}.'
+        if str(obj[key]).strip().lower() != value.lower():
+            return 0.0, f'Your key "{key}" has the value {json.dumps(obj[key])}; it must be "{value}".'
+    return 1.0, "Correct: both keys have the right values."
+
+
+def score_json_value(answer: str, spec: dict) -> tuple[float, str]:
+    """Binary: 1 when the JSON object holds the word under the key "value" — a rule only the feedback states."""
+    value = spec["value"]
+    start, end = answer.find("{"), answer.rfind("}")
+    rule = f'this task wants {{"value": "{value}"}}.'
+    if start < 0 or end <= start:
+        return 0.0, f"Your reply contains no JSON object; {rule}"
+    try:
+        obj = json.loads(answer[start : end + 1])
+    except json.JSONDecodeError as err:
+        return 0.0, f"Your reply is not valid JSON ({err.msg.lower()}); {rule}"
+    if not isinstance(obj, dict) or "value" not in obj:
+        return 0.0, f'Your JSON has no key "value"; {rule}'
+    if str(obj["value"]).strip().lower() != value.lower():
+        return 0.0, f'Your key "value" holds {json.dumps(obj["value"])}; {rule}'
+    return 1.0, f'Correct: "{value}" is under the key "value".'
+
+
 SCORERS = {"word_count": score_word_count, "arithmetic": score_arithmetic, "json_key": score_json_key,
-           "letters": score_letters, "frozen_lake": score_frozen_lake}
+           "letters": score_letters, "frozen_lake": score_frozen_lake, "guess_once": score_guess_once,
+           "digits": score_digits, "lake3": score_lake3, "json_pair": score_json_pair, "json_value": score_json_value}
 
 
 CUT_OFF = "Cut off at the length limit; be shorter."
@@ -414,16 +574,24 @@ class FeedbackTaskEnv:
         return feedback, reward, True, info
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Regenerate data/erl/{train,eval}.jsonl (seeded).")
+PROG = "python -m rlnlp.envs.feedback_tasks"
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = Parser(prog=PROG, description="Regenerate data/erl/{train,eval}.jsonl (seeded).")
     parser.add_argument("--out", default=str(DATA_DIR))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=400, help="train instances per task (at most)")
-    parser.add_argument("--n-eval", type=int, default=150, help="eval instances per task")
+    parser.add_argument("--n-train", type=positive_int, default=400, help="train instances per task (at most)")
+    parser.add_argument("--n-eval", type=positive_int, default=150, help="eval instances per task")
     args = parser.parse_args(argv)
     counts = write(args.out, args.seed, args.n_train, args.n_eval)
     print(f"wrote {counts} rows to {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; a bad option or an unwritable --out is one line and exit status 2."""
+    return run(_main, argv, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
     sampler   rlnlp.sample vs transformers' model.generate on the same prompts and budget
     erl       the ERL trainer's benchmark (rlnlp.erl.bench_main)
     erl-seeds notebook 05's ERL vs GRPO comparison at other seeds (rlnlp.erl.seeds_main)
+    erl-compare ERL vs GRPO at equal wall-clock and equal tokens, and ERL's ablations, over seeds
+              (rlnlp.erl.compare.compare_main)
+    erl-zone  where a feedback task sits for ERL: first attempts, group variance, retries with feedback
+              (rlnlp.erl.compare.zone_main)
 
 Run them on an idle machine (``/work/bin/cpuslot --both python -m rlnlp.bench sampler`` here) and
 quote the date, the machine and the thread count with the numbers.
@@ -155,7 +159,20 @@ def erl_seeds_main(argv: list[str]) -> int:
     return int(seeds_main(argv) or 0)
 
 
-SUITES = {"sampler": sampler_main, "erl": erl_main, "erl-seeds": erl_seeds_main}
+def erl_compare_main(argv: list[str]) -> int:
+    from .erl.compare import compare_main
+
+    return int(compare_main(argv) or 0)
+
+
+def erl_zone_main(argv: list[str]) -> int:
+    from .erl.compare import zone_main
+
+    return int(zone_main(argv) or 0)
+
+
+SUITES = {"sampler": sampler_main, "erl": erl_main, "erl-seeds": erl_seeds_main,
+          "erl-compare": erl_compare_main, "erl-zone": erl_zone_main}
 
 
 def main(argv: list[str] | None = None) -> int:

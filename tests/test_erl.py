@@ -317,6 +317,21 @@ def test_nothing_gated_means_no_extra_calls(trainer, monkeypatch):
     assert calls == [] and (batch["erl_part"] == 0).all()
 
 
+def test_without_reflection_one_call_retries_from_the_raw_feedback(trainer, monkeypatch):
+    """The ablation: no Δ sampled or trained, the retry prompt holds the first attempt and its feedback, nothing
+    enters the memory. Mutation seen to fail: ``_erl_batch`` calling ``_reflect`` regardless → two sampler calls."""
+    trainer.args = copy.copy(trainer.args)
+    trainer.args.enable_reflection = False
+    batch, calls = _step(trainer, [0.0, 1.0, 0.0, 1.0], monkeypatch)  # rows 0 and 2 gated; scripted retries score 1
+    assert [len(p) for p, _ in calls] == [2]
+    for e, rendered in zip(trainer.examples, calls[0][0]):
+        assert e["reflection"] == "" and e["feedback"] and e["feedback"] in rendered and e["y1"].strip() in rendered
+        assert "Advice from your last try" not in rendered
+    part = batch["erl_part"]
+    assert [(part == k).sum().item() for k in range(4)] == [4, 0, 2, 2]  # y1, no Δ, y2, internalized y2
+    assert len(trainer.memory) == 0 and not any(e["stored"] for e in trainer.examples)
+
+
 def test_memory_grows_when_retries_improve(trainer, monkeypatch):
     before = len(trainer.memory)
     _step(trainer, [0.0, 1.0, 0.0, 1.0], monkeypatch)  # both gated retries score 1 > 0

@@ -27,6 +27,9 @@ DEFAULT_REFLECTION_PROMPT = (
 DEFAULT_RETRY_PROMPT = "{prompt}\nAdvice from your last try: {reflection}"
 REFLECTION_FIELDS = {"prompt", "attempt", "feedback", "reward", "memory"}
 RETRY_FIELDS = {"prompt", "reflection"}
+# The retry without a reflection (``enable_reflection=False``): the task, the first attempt and its raw feedback.
+DEFAULT_FEEDBACK_RETRY_PROMPT = "{prompt}\nYour last answer: {attempt}\nFeedback: {feedback}"
+FEEDBACK_RETRY_FIELDS = {"prompt", "attempt", "feedback"}
 PARTS = {"y1": 0, "reflection": 1, "retry": 2, "internalization": 3}
 # Row-aligned keys TRL's y1 batch may carry that ERL knows how to extend to Δ / y2 rows.
 ROW_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages",
@@ -116,6 +119,14 @@ class ERLConfig(GRPOConfig):
     enable_internalization: bool = field(default=True, metadata={"help": (
         "Add the internalization loss (off: pure RL on y1, Δ, y2)."
     )})
+    enable_reflection: bool = field(default=True, metadata={"help": (
+        "Generate a reflection Δ before each retry. Off (the ablation without reflection): the retry reads the first "
+        "attempt and its raw feedback through ``feedback_retry_prompt``; no Δ is generated or trained, the memory "
+        "(which holds reflections) stays empty, and the joint advantages are normalised over [r1; r2]."
+    )})
+    feedback_retry_prompt: str = field(default=DEFAULT_FEEDBACK_RETRY_PROMPT, metadata={"help": (
+        "Retry prompt template when ``enable_reflection`` is off: {prompt} {attempt} {feedback}."
+    )})
     algorithm: Literal["joint", "split"] = field(default="joint", metadata={"help": (
         '"joint" (Algorithm 1: one TRL loss over y1 ∪ Δ ∪ y2, batch-wide advantages) or "split" (Algorithm 2: one '
         "TRL loss over y1 with group advantages plus one over Δ ∪ y2 with their own; one optimiser step)."
@@ -150,6 +161,9 @@ class ERLConfig(GRPOConfig):
                                       "entropy_coef")
         _template_fields(self.reflection_system_prompt, REFLECTION_FIELDS, "reflection_system_prompt")
         _template_fields(self.retry_system_prompt, RETRY_FIELDS, "retry_system_prompt")
+        _template_fields(self.feedback_retry_prompt, FEEDBACK_RETRY_FIELDS, "feedback_retry_prompt")
+        if not isinstance(self.enable_reflection, bool):
+            raise ValueError(f"ERLConfig.enable_reflection must be True or False, got {self.enable_reflection!r}")
         self.tasks = tuple(self.tasks)
 
     @classmethod

@@ -10,17 +10,24 @@ from .config import COMPLETION_KEYS
 
 
 def erl_advantages(r1: torch.Tensor, r2: torch.Tensor, algorithm: str, y1_group_advantages: torch.Tensor,
-                   scale: bool = True, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   scale: bool = True, eps: float = 1e-4,
+                   reflection: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Advantages for (y1, Δ, y2). r1: (B,), r2: (G,) for the G gated samples; returns (B,), (G,), (G,).
 
     joint:  r = [r1; r2; r2],  A = (r − mean r) / (std r + eps)   (one batch-wide normalisation)
     split:  A_y1 = TRL's group-relative advantages; [A_Δ; A_y2] normalised over [r2; r2] alone
+    ``reflection=False`` (no Δ rows): joint over [r1; r2], split over r2; A_Δ is returned empty.
     """
     def norm(r):
         centred = r - r.mean()
         return centred / (r.std() + eps) if scale and r.numel() > 1 else centred
 
     G = r2.numel()
+    if not reflection:
+        if algorithm == "joint":
+            a = norm(torch.cat([r1, r2]))
+            return a[: r1.numel()], a[:0], a[r1.numel() :]
+        return y1_group_advantages, r2[:0], norm(r2) if G else r2
     if algorithm == "joint":
         a = norm(torch.cat([r1, r2, r2]))
         return a[: r1.numel()], a[r1.numel() : r1.numel() + G], a[r1.numel() + G :]

@@ -223,7 +223,8 @@ class ERLTrainer(ERLLoss, ScaffoldSampler, PhaseClock, PackedForward, GRPOTraine
         step = self._first_attempts(inputs)
         self._gate(step)
         if step.gated:
-            self._reflect(step)
+            if self.args.enable_reflection:
+                self._reflect(step)
             self._retry(step)
             self._remember(step)
         with self._clock("assemble"):
@@ -292,8 +293,15 @@ class ERLTrainer(ERLLoss, ScaffoldSampler, PhaseClock, PackedForward, GRPOTraine
 
     def _retry(self, step: ERLStep) -> None:
         with self._clock("retry"):
-            prompts = [self._scaffold(step.prompts[i], self.args.retry_system_prompt.format(prompt=t, reflection=d.strip()))
-                       for i, t, d in zip(step.gated, step.tasks, step.reflections.texts)]
+            if step.reflections is not None:
+                template = self.args.retry_system_prompt
+                prompts = [self._scaffold(step.prompts[i], template.format(prompt=t, reflection=d.strip()))
+                           for i, t, d in zip(step.gated, step.tasks, step.reflections.texts)]
+            else:  # without reflection: the task, the first attempt and its raw feedback
+                template = self.args.feedback_retry_prompt
+                prompts = [self._scaffold(step.prompts[i], template.format(
+                    prompt=t, attempt=completion_text(step.completions[i]).strip(),
+                    feedback=step.feedback[i] or "(none)")) for i, t in zip(step.gated, step.tasks)]
             step.retries = retries = self._sample(prompts, self.args.max_completion_length)
         with self._clock("scoring"):
             conversational = is_conversational({"prompt": step.prompts[0]})
@@ -306,28 +314,31 @@ class ERLTrainer(ERLLoss, ScaffoldSampler, PhaseClock, PackedForward, GRPOTraine
     # --- phase 5: memory, and phase 7's choice of retries
     def _remember(self, step: ERLStep) -> None:
         args = self.args
+        reflections = step.reflections.texts if step.reflections is not None else [""] * len(step.gated)
         for j, i in enumerate(step.gated):
             a, b = step.r1[i].item(), step.r2[j].item()
-            ok = args.enable_memory and should_store(a, b, args.memory_add_threshold)
+            ok = args.enable_memory and step.reflections is not None and should_store(a, b, args.memory_add_threshold)
             step.stored.append(ok)
             if ok:
-                self.memory.add(step.reflections.texts[j].strip(), step.tasks[j], a, b, self.state.global_step)
+                self.memory.add(reflections[j].strip(), step.tasks[j], a, b, self.state.global_step)
             step.internalize.append(args.enable_internalization and args.internalization_coef > 0
                                     and should_internalize(a, b, args.internalization_rule, args.reward_threshold))
             self.examples.append({"step": self.state.global_step, "prompt": step.tasks[j],
                                   "y1": completion_text(step.completions[i]), "r1": a, "feedback": step.feedback[i],
-                                  "reflection": step.reflections.texts[j], "y2": step.retries.texts[j], "r2": b,
+                                  "reflection": reflections[j], "y2": step.retries.texts[j], "r2": b,
                                   "feedback2": step.feedback2[j], "stored": ok, "internalized": step.internalize[-1]})
 
     # --- assemble: phase 6's advantages and every part's rows in one batch
     def _assemble(self, step: ERLStep) -> dict:
         args, y1, r1 = self.args, step.y1, step.r1
         a1, a_reflect, a_retry = erl_advantages(r1, step.r2, args.algorithm, y1["advantages"],
-                                                scale=args.scale_rewards != "none")
+                                                scale=args.scale_rewards != "none",
+                                                reflection=step.reflections is not None)
         parts = [{**{k: y1[k] for k in ROW_KEYS if k in y1}, "advantages": a1,
                   "erl_part": torch.full((len(r1),), PARTS["y1"], dtype=torch.long, device=r1.device)}]
         if step.gated:
-            parts.append(self._rows(y1, step.reflections, a_reflect, "reflection"))
+            if step.reflections is not None:
+                parts.append(self._rows(y1, step.reflections, a_reflect, "reflection"))
             parts.append(self._rows(y1, step.retries, a_retry, "retry"))
             internalized = internalization_rows(step, parts[-1])
             if internalized is not None:

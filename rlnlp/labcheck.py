@@ -120,10 +120,14 @@ def browser_session(browser: str, driver: str, profile_dir: Path):
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
+CURRENT = ".jp-NotebookPanel:not(.lm-mod-hidden) "
+"""Scopes a selector to the notebook in front: the notebooks opened before stay in the page as hidden tabs."""
+
+
 def _count(drv, css: str) -> int:
     from selenium.webdriver.common.by import By
 
-    return len(drv.find_elements(By.CSS_SELECTOR, css))
+    return len(drv.find_elements(By.CSS_SELECTOR, ", ".join(CURRENT + part.strip() for part in css.split(","))))
 
 
 def _page_text(drv) -> str:
@@ -151,7 +155,7 @@ def run_all(drv, timeout: float) -> None:
     time.sleep(3)
 
     def done(d) -> bool:
-        prompts = [p.text for p in d.find_elements(By.CSS_SELECTOR, ".jp-CodeCell .jp-InputArea-prompt")]
+        prompts = [p.text for p in d.find_elements(By.CSS_SELECTOR, CURRENT + ".jp-CodeCell .jp-InputArea-prompt")]
         return bool(prompts) and all(p.strip() not in ("", "[ ]:", "[*]:") for p in prompts)
 
     WebDriverWait(drv, timeout, poll_frequency=2).until(done)
@@ -179,7 +183,10 @@ def linked_figures(drv, wait: float = 20) -> tuple[int, list[str]]:
 
     deadline = time.time() + wait
     while True:
-        imgs = drv.find_elements(By.CSS_SELECTOR, ".jp-MarkdownCell img")
+        imgs = drv.find_elements(By.CSS_SELECTOR, CURRENT + ".jp-MarkdownCell img")
+        if not imgs and time.time() < deadline - wait / 2:  # markdown may still be rendering
+            time.sleep(1)
+            continue
         state = [(img.get_attribute("src") or "", drv.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img))
                  for img in imgs]
         broken = [src.rsplit("/", 1)[-1] for src, width in state if not width]
@@ -192,7 +199,7 @@ def first_figure(drv) -> bool:
     """Scroll the first linked figure into view (for the screenshot); False when the notebook links none."""
     from selenium.webdriver.common.by import By
 
-    imgs = drv.find_elements(By.CSS_SELECTOR, ".jp-MarkdownCell img")
+    imgs = drv.find_elements(By.CSS_SELECTOR, CURRENT + ".jp-MarkdownCell img")
     if not imgs:
         return False
     drv.execute_script("arguments[0].scrollIntoView({block: 'center'});", imgs[0])
@@ -205,8 +212,8 @@ def move_slider(drv, steps: int = 2) -> tuple[str, str]:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    handle = drv.find_element(By.CSS_SELECTOR, ".widget-slider .noUi-handle")
-    readout = drv.find_element(By.CSS_SELECTOR, ".widget-slider .widget-readout")
+    handle = drv.find_element(By.CSS_SELECTOR, CURRENT + ".widget-slider .noUi-handle")
+    readout = drv.find_element(By.CSS_SELECTOR, CURRENT + ".widget-slider .widget-readout")
     drv.execute_script("arguments[0].scrollIntoView({block: 'center'});", handle)
     before = readout.text or readout.get_attribute("textContent")
     handle.click()

@@ -1,12 +1,10 @@
 """Benchmarks: ``python -m rlnlp.bench SUITE [options]``.
 
     sampler   rlnlp.sample vs transformers' model.generate on the same prompts and budget
+    precision the sampler cases and one LoRA training step in fp32 vs bf16, and the log-prob drift of each
+    turns     multi-turn rollouts (Twenty Questions-like chat) with vs without carrying each episode's keys
     erl       the ERL trainer's benchmark (rlnlp.erl.bench_main)
     erl-seeds notebook 05's ERL vs GRPO comparison at other seeds (rlnlp.erl.seeds_main)
-    erl-compare ERL vs GRPO at equal wall-clock and equal tokens, and ERL's ablations, over seeds
-              (rlnlp.erl.compare.compare_main)
-    erl-zone  where a feedback task sits for ERL: first attempts, group variance, retries with feedback
-              (rlnlp.erl.compare.zone_main)
 
 Run them on an idle machine (``/work/bin/cpuslot --both python -m rlnlp.bench sampler`` here) and
 quote the date, the machine and the thread count with the numbers.
@@ -16,6 +14,8 @@ from __future__ import annotations
 import datetime
 import sys
 import time
+
+from .cli import Parser, describe, positive_int
 
 SAMPLER_CASES = {
     "a": "n=4 samples of 8 ~200-token chat prompts, 16 new tokens (prefill-bound: one prefill per prompt)",
@@ -111,10 +111,6 @@ def sampler_main(argv: list[str]) -> int:
             want = "one of a, b, c" if a == "--case" else "an integer ≥ 1"
             print(f"rlnlp.bench sampler: bad value {v!r} for {a} (want {want}); {usage}", file=sys.stderr)
             return 2
-    import torch
-
-    import transformers
-
     from .models import load_policy
 
     try:
@@ -123,8 +119,7 @@ def sampler_main(argv: list[str]) -> int:
         print(f"rlnlp.bench sampler: could not load the policy model: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               file=sys.stderr)
         return 1
-    print(f"{datetime.date.today()} · {model.device} · {model.dtype} · torch {torch.__version__} · "
-          f"transformers {transformers.__version__} · {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''} · best of {repeat} runs each")
+    _header(model, f"best of {repeat} runs each")
     from .sampling import sample
 
     sample(model, tokenizer, ["Warm up."], n=2, max_new_tokens=4, seed=0)  # first-call costs out of the timings
@@ -140,6 +135,209 @@ def sampler_main(argv: list[str]) -> int:
               f"{kg:>12}{tg:>7.1f}{kg / tg:>7.1f} | {(ks / ts) / (kg / tg):>5.2f}×", flush=True)
     for case in cases or list(SAMPLER_CASES):
         print(f"  ({case}) {SAMPLER_CASES[case]}")
+    return 0
+
+
+def _load_policy_or_exit(suite: str):
+    """The policy, or None after one line on stderr (no model files, a bad RLNLP_POLICY or RLNLP_DTYPE, no device)."""
+    from .models import load_policy
+    from .runtime import precision
+
+    try:
+        precision()
+        return load_policy(trainable=False)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"python -m rlnlp.bench {suite}: {describe(e)}", file=sys.stderr)
+        return None
+
+
+def _header(model, what: str) -> None:
+    import torch
+    import transformers
+
+    from .runtime import precision
+
+    threads = torch.get_num_threads()
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC · {model.device} · default compute "
+          f"{'{} ({})'.format(*precision())} · torch {torch.__version__} · transformers {transformers.__version__} · "
+          f"{threads} thread{'s' if threads != 1 else ''} · {what}")
+
+
+class _Precision:
+    """Run a block in one precision (``$RLNLP_DTYPE`` for the block)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        import os
+
+        self.old = os.environ.get("RLNLP_DTYPE")
+        os.environ["RLNLP_DTYPE"] = self.name
+
+    def __exit__(self, *exc):
+        import os
+
+        if self.old is None:
+            os.environ.pop("RLNLP_DTYPE", None)
+        else:
+            os.environ["RLNLP_DTYPE"] = self.old
+
+
+def _lora_step_timer(tokenizer, rows: int, completion_tokens: int):
+    """One LoRA policy-gradient step on ``rows`` case-(a) prompts (~200 tokens) with ``completion_tokens``-token
+    completions: ``completion_logprobs`` forward, a REINFORCE-style loss, backward, AdamW. Returns ``step() -> s``
+    and the tokens one step reads."""
+    import torch
+
+    from .models import attach_lora, completion_logprobs, load_policy, masked_mean
+    from .sampling import _left_pad, render_prompts
+
+    model, _ = load_policy()
+    model = attach_lora(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    prompts, _ = _sampler_prompts("a", tokenizer)
+    ids = tokenizer(render_prompts(tokenizer, prompts[:rows]), add_special_tokens=False)["input_ids"]
+    p_ids, p_mask = _left_pad(ids, tokenizer.pad_token_id, "cpu")
+    g = torch.Generator().manual_seed(0)
+    c_ids = torch.randint(100, 20000, (len(ids), completion_tokens), generator=g)
+    c_mask = torch.ones_like(c_ids)
+    advantages = torch.randn(len(ids), 1, generator=g)
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        model.train()
+        logp = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask)
+        loss = -masked_mean(logp * advantages, c_mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    return step, int(p_mask.sum()) + int(c_mask.sum())
+
+
+def _drift(model, tokenizer, rows: int) -> dict:
+    """Per-token |log-prob difference| between the sampler (KV cache) and a re-scoring forward over the same
+    tokens, in the active precision: sampled completions of 24 tokens for case (a) and (b) prompts."""
+    import torch
+
+    from .models import completion_logprobs
+    from .sampling import sample
+
+    prompts = (_sampler_prompts("a", tokenizer)[0] + _sampler_prompts("b", tokenizer)[0])[:rows]
+    s = sample(model, tokenizer, prompts, n=2, max_new_tokens=24, temperature=1.0, seed=0)
+    with torch.no_grad():
+        again = completion_logprobs(model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask)
+    d = (again - s.logprobs)[s.completion_mask.bool()].abs()
+    return {"tokens": int(d.numel()), "mean": float(d.mean()), "max": float(d.max())}
+
+
+def precision_main(argv: list[str]) -> int:
+    """``python -m rlnlp.bench precision [--repeat N] [--steps N]``: fp32 vs bf16 in one process, runs interleaved."""
+    parser = Parser(prog="python -m rlnlp.bench precision", description=precision_main.__doc__)
+    parser.add_argument("--repeat", type=positive_int, default=2, help="runs of each sampler case; the fastest counts")
+    parser.add_argument("--steps", type=positive_int, default=3, help="LoRA steps per precision; the fastest counts")
+    opts = vars(parser.parse_args(argv))
+    loaded = _load_policy_or_exit("precision")
+    if loaded is None:
+        return 1
+    model, tokenizer = loaded
+    _header(model, f"best of {opts['repeat']} sampler runs and {opts['steps']} training steps per precision")
+    from .sampling import sample
+
+    for name in ("fp32", "bf16"):  # first-call costs (and the bf16 weight copies) out of the timings
+        with _Precision(name):
+            sample(model, tokenizer, ["Warm up."], n=2, max_new_tokens=4, seed=0)
+    header = f"{'what':<44}| {'fp32 tok/s':>10} | {'bf16 tok/s':>10} | {'ratio':>6}"
+    print(header)
+    print("-" * len(header))
+    for case in SAMPLER_CASES:
+        prompts, kw = _sampler_prompts(case, tokenizer)
+        best = {"fp32": 0.0, "bf16": 0.0}
+        for r in range(opts["repeat"]):
+            for name in (("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32")):
+                with _Precision(name):
+                    t0 = time.perf_counter()
+                    s = sample(model, tokenizer, prompts, temperature=1.0, seed=r, **kw)
+                    best[name] = max(best[name], int(s.completion_mask.sum()) / (time.perf_counter() - t0))
+        print(f"{'sampler case ' + case:<44}| {best['fp32']:>10.1f} | {best['bf16']:>10.1f} | "
+              f"{best['bf16'] / best['fp32']:>5.2f}×", flush=True)
+    rows, completion = 8, 32
+    step, tokens = _lora_step_timer(tokenizer, rows, completion)
+    times = {"fp32": [], "bf16": []}
+    for name in ("fp32", "bf16"):
+        with _Precision(name):
+            step()  # warm-up
+    for r in range(opts["steps"]):
+        for name in (("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32")):
+            with _Precision(name):
+                times[name].append(step())
+    tf, tb = min(times["fp32"]), min(times["bf16"])
+    print(f"{f'LoRA step, {rows} rows, ~{tokens // rows} tokens each':<44}| {tokens / tf:>10.1f} | "
+          f"{tokens / tb:>10.1f} | {tf / tb:>5.2f}×", flush=True)
+    print("log-prob drift, sampler vs re-scoring forward (per token, nats):")
+    for name in ("fp32", "bf16"):
+        with _Precision(name):
+            d = _drift(model, tokenizer, 16)
+        print(f"  {name}: mean |Δ| {d['mean']:.2e}, max |Δ| {d['max']:.2e} over {d['tokens']} tokens", flush=True)
+    for case, what in SAMPLER_CASES.items():
+        print(f"  ({case}) {what}")
+    return 0
+
+
+TURN_REPLIES = ("Yes.", "No.", "No.", "I don't know.", "Yes.", "No.")
+
+
+def _twenty_questions_rollouts(model, tokenizer, episodes: int, turns: int, reuse: bool, seed: int = 0) -> dict:
+    """``episodes`` chat games of ``turns`` turns: the policy asks a question, a scripted oracle answers (the answer
+    depends on the episode and the turn only, so both runs see the same conversations' shape). One ``sample``
+    call per turn for every episode; with ``reuse`` each episode's keys are carried between turns."""
+    from .envs.twenty_questions import INTRO
+    from .sampling import TurnCache, sample
+
+    candidates = ["dog", "apple", "car", "chair", "guitar", "shoe", "tree", "cup", "bicycle", "pencil"]
+    conversations = [[{"role": "user", "content": f"{INTRO} It is one of: {', '.join(candidates)}."}]
+                     for _ in range(episodes)]
+    cache = TurnCache() if reuse else None
+    made = prompt_tokens = 0
+    t0 = time.perf_counter()
+    for t in range(turns):
+        ids = list(range(episodes))
+        s = sample(model, tokenizer, conversations, max_new_tokens=16, temperature=1.0, seed=seed + t, stop="?",
+                   turn_cache=cache, episode_ids=ids if reuse else None)
+        made += int(s.completion_mask.sum())
+        prompt_tokens += int(s.prompt_mask.sum())
+        for e, text in enumerate(s.texts):
+            conversations[e] += [{"role": "assistant", "content": text.strip()},
+                                 {"role": "user", "content": TURN_REPLIES[(e + 3 * t) % len(TURN_REPLIES)]}]
+    took = time.perf_counter() - t0
+    out = {"s": took, "new": made, "prompt": prompt_tokens}
+    if reuse:
+        out["encoded"], out["reused"] = cache.prefilled_tokens, cache.reused_tokens
+    return out
+
+
+def turns_main(argv: list[str]) -> int:
+    """``python -m rlnlp.bench turns [--episodes N] [--turns N]``: multi-turn rollouts with vs without KV reuse."""
+    parser = Parser(prog="python -m rlnlp.bench turns", description=turns_main.__doc__)
+    parser.add_argument("--episodes", type=positive_int, default=64, help="episodes played side by side")
+    parser.add_argument("--turns", type=positive_int, default=10, help="turns of every episode")
+    opts = vars(parser.parse_args(argv))
+    loaded = _load_policy_or_exit("turns")
+    if loaded is None:
+        return 1
+    model, tokenizer = loaded
+    E, T = opts["episodes"], opts["turns"]
+    _header(model, f"{E} Twenty Questions-like chat episodes × {T} turns, ≤ 16 new tokens a turn")
+    _twenty_questions_rollouts(model, tokenizer, 2, 2, reuse=True)  # warm-up
+    runs = {}
+    for reuse in (False, True):
+        r = runs[reuse] = _twenty_questions_rollouts(model, tokenizer, E, T, reuse)
+        enc = f", {r['encoded']} encoded ({r['reused']} reused)" if reuse else ""
+        print(f"{'with' if reuse else 'without'} KV reuse: {r['s']:.1f} s, {r['prompt']} prompt tokens{enc}, "
+              f"{r['new']} new tokens", flush=True)
+    print(f"KV reuse: {runs[False]['s'] / runs[True]['s']:.2f}× faster")
     return 0
 
 
@@ -159,20 +357,8 @@ def erl_seeds_main(argv: list[str]) -> int:
     return int(seeds_main(argv) or 0)
 
 
-def erl_compare_main(argv: list[str]) -> int:
-    from .erl.compare import compare_main
-
-    return int(compare_main(argv) or 0)
-
-
-def erl_zone_main(argv: list[str]) -> int:
-    from .erl.compare import zone_main
-
-    return int(zone_main(argv) or 0)
-
-
-SUITES = {"sampler": sampler_main, "erl": erl_main, "erl-seeds": erl_seeds_main,
-          "erl-compare": erl_compare_main, "erl-zone": erl_zone_main}
+SUITES = {"sampler": sampler_main, "precision": precision_main, "turns": turns_main, "erl": erl_main,
+          "erl-seeds": erl_seeds_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -280,11 +280,11 @@ def _turns(model, tok, conversations, episodes, cache, seed):
     return s
 
 
-def test_turn_cache_log_probs_equal_rescoring_the_whole_conversation(policy, monkeypatch):
+def test_turn_cache_log_probs_equal_rescoring_the_whole_conversation(policy):
     """Three episodes over three turns: each turn encodes only what its episode's cache does not hold, and its
     log-probs equal a re-scoring pass over the whole conversation so far. Given another row's keys (same ids), the
     log-probs move by far more than the tolerance: the test sees a row reading the wrong cache."""
-    from rlnlp.sampling import TurnCache, _Turns, shared_prefix_length
+    from rlnlp.sampling import TurnCache, shared_prefix_length
 
     model, tok = policy
     conversations = {e: [{"role": "user", "content": OPENINGS[e]}] for e in range(3)}
@@ -306,19 +306,15 @@ def test_turn_cache_log_probs_equal_rescoring_the_whole_conversation(policy, mon
             n = int(s.lengths[i])
             ids = s.prompt_ids[i][s.prompt_mask[i].bool()].tolist() + s.completion_ids[i, : n - 1].tolist()
             assert cache.cached_tokens(i) == ids
-    # mutation: each episode stores the keys of the next row (same ids): seen to break the exactness above
-    real_store = _Turns.store
-
-    def crossed(self, lines, rows, *args):
-        real_store(self, lines, rows, *args)
-        kvs = [self.cache.episodes[self.episodes[rows[b]]].kv for _, b in lines]
-        for k, (_, b) in enumerate(lines):
-            self.cache.episodes[self.episodes[rows[b]]].kv = kvs[(k + 1) % len(kvs)]
-
-    monkeypatch.setattr(_Turns, "store", crossed)
+    # a row given another row's keys (its own ids kept): episodes 0 and 1 swap their cached keys before a turn, and
+    # the comparison with the re-scoring pass must see it
     conversations = {e: [{"role": "user", "content": OPENINGS[e]}] for e in range(3)}
     cache = TurnCache()
     _turns(model, tok, conversations, [0, 1, 2], cache, seed=0)
+    a, b = cache.episodes[0], cache.episodes[1]
+    m = min(len(a.ids), len(b.ids))
+    a.kv, b.kv = [(k[:, :, :m], v[:, :, :m]) for k, v in b.kv], [(k[:, :, :m], v[:, :, :m]) for k, v in a.kv]
+    a.ids, b.ids = a.ids[:m], b.ids[:m]
     s = _turns(model, tok, conversations, [0, 1, 2], cache, seed=1)
     assert (s.logprobs - _rescored(model, s)).abs().max() > 0.05
 
@@ -398,3 +394,25 @@ def test_sampler_precision_follows_the_runtime(policy, monkeypatch):
         monkeypatch.setenv("RLNLP_DTYPE", "fp32")
         exact = _rescored(model, bf16)
     assert (bf16.logprobs - exact)[mask].abs().max() > 1e-3  # bf16 really ran
+
+
+def test_precision_and_turns_benchmarks_reject_bad_options_in_one_line(capsys, monkeypatch):
+    import rlnlp.models
+    from rlnlp.bench import main
+
+    def no_run(*a, **k):
+        raise AssertionError("a bad argument reached the run")
+
+    monkeypatch.setattr(rlnlp.models, "load_policy", no_run)
+    for argv in (["precision", "--repeat", "0"], ["precision", "--steps", "x"], ["turns", "--episodes", "x"],
+                 ["turns", "--turns", "0"], ["turns", "--nope", "1"]):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse exits with status 2
+            code = exit_.code
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "usage" in err and "Traceback" not in err, (argv, err)
+    monkeypatch.setenv("RLNLP_DTYPE", "fp16")
+    assert main(["turns"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fp32, bf16" in err

@@ -1,14 +1,16 @@
-"""Tests for spec 04 (recurve / ArCHer): task files, utterance splitting, critic math, target updates, the 20Q
+"""Tests for recurve / ArCHer (notebook 04): task files, utterance splitting, critic math, target updates, the 20Q
 oracle and its paraphrase test, the fresh-action advantage, bootstrapping, matched baselines, the command line
 (one-line errors, kill-and-resume) and the full preset's shapes."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -161,11 +163,13 @@ def test_act_cuts_utterances_at_split_and_done(policy):
     primed = obs + "The best programming language is"
     u = act(model, tok, env, [primed] * 4, cfg, seed=1)
     s = u.samples
-    for i, text in enumerate(u.texts):
-        if env.task.done(primed + text, 0):  # one token earlier it was not done yet (a token may be ".\n")
-            n = int(s.completion_mask[i].sum())
-            before = tok.decode(s.completion_ids[i, : n - 1], skip_special_tokens=True)
-            assert not env.task.done(primed + before, 0)
+    done = [i for i, text in enumerate(u.texts) if env.task.done(primed + text, 0)]
+    assert done, u.texts  # precondition: some reply reached "… is X." (else the loop below checks nothing)
+    for i in done:  # one token earlier it was not done yet (a token may be ".\n")
+        n = int(s.completion_mask[i].sum())
+        before = tok.decode(s.completion_ids[i, : n - 1], skip_special_tokens=True)
+        assert not env.task.done(primed + before, 0) and s.stopped[i]
+    # Mutation seen to fail: without act's done_fn cut (``if cut < length`` never taken) replies run past the "."
 
 
 # ---- critic math ------------------------------------------------------------------------------------
@@ -190,24 +194,44 @@ class _FakeEncoder:
         return torch.tensor([[len(t), t.count("a"), 1.0, 0.0] for t in texts], dtype=torch.float32)
 
 
+def _set_mlp(mlp: torch.nn.Sequential, first: list[float], scale: float) -> None:
+    """A hidden-width-1 MLP that computes scale · relu(first · x): layer 2 passes its input through."""
+    with torch.no_grad():
+        for layer, w in zip((mlp[0], mlp[2], mlp[4]), ([first], [[1.0]], [[scale]])):
+            layer.weight.copy_(torch.tensor(w))
+            layer.bias.zero_()
+
+
 def test_critic_loss_matches_a_hand_computation():
-    cfg = ArcherConfig.smoke(critic_hidden=8, gamma=0.5)
-    torch.manual_seed(0)
+    """L_Q and L_V on numbers worked out by hand. Embeddings h(t) = [len t, count of "a", 1, 0]; each head is
+    scale · relu(w · x) with hand-set weights (online and target differ, so using the wrong one shows).
+
+    online  Q1 = len s + #a(a)  Q2 = 2        V1 = len s   V2 = 2
+    target  Q̄1 = len a          Q̄2 = len s   V̄1 = 4       V̄2 = 3
+    batch   (s, aa, r −1, s2, not done), (ss, b, r 0, end, done);  fresh (s, aaa);  γ = 0.5
+    y1 = r + γ(1 − d)V̄1(s′) = [−1 + 0.5·4, 0] = [1, 0];   Q1 = [1 + 2, 2 + 0] = [3, 2]   → MSE (4 + 4)/2 = 4
+    y2 = [−1 + 0.5·3, 0] = [0.5, 0];                     Q2 = [2, 2]                 → MSE (2.25 + 4)/2 = 3.125
+    y_V = min(Q̄1, Q̄2)(s, aaa) = min(3, 1) = 1;          V1(s) = 1, V2(s) = 2       → L_V = 0 + 1 = 1
+    L = 4 + 3.125 + 1 = 8.125
+
+    Mutations seen to fail: max instead of min in v_target (L_V = 4 + 1); the online V in the Q target
+    (y1 = [0, 0]); dropping (1 − d) (y1 = [1, 2])."""
+    cfg = ArcherConfig.smoke(critic_hidden=1, gamma=0.5)
     critic = Critic(cfg, _FakeEncoder(), device="cpu")
+    #        h_s: len  #a  1  0 | h_a: len  #a  1  0
+    _set_mlp(critic.net.q1, [1, 0, 0, 0, 0, 1, 0, 0], 1.0)
+    _set_mlp(critic.net.q2, [0, 0, 1, 0, 0, 0, 1, 0], 1.0)
+    _set_mlp(critic.net.v1, [1, 0, 0, 0], 1.0)
+    _set_mlp(critic.net.v2, [0, 0, 1, 0], 2.0)
+    _set_mlp(critic.target.q1, [0, 0, 0, 0, 1, 0, 0, 0], 1.0)
+    _set_mlp(critic.target.q2, [1, 0, 0, 0, 0, 0, 0, 0], 1.0)
+    _set_mlp(critic.target.v1, [0, 0, 1, 0], 4.0)
+    _set_mlp(critic.target.v2, [0, 0, 1, 0], 3.0)
     batch = [Transition("s", "aa", -1.0, "s2", False), Transition("ss", "b", 0.0, "end", True)]
     loss, stats = critic.loss(batch, ["s"], ["aaa"])
-    enc = _FakeEncoder()
-    hs, ha, hs2 = enc.embed(["s", "ss"]), enc.embed(["aa", "b"]), enc.embed(["s2", "end"])
-    tv1, tv2 = critic.target.v1(hs2).squeeze(-1), critic.target.v2(hs2).squeeze(-1)
-    y1 = torch.tensor([-1.0, 0.0]) + 0.5 * torch.tensor([1.0, 0.0]) * tv1
-    y2 = torch.tensor([-1.0, 0.0]) + 0.5 * torch.tensor([1.0, 0.0]) * tv2
-    x = torch.cat([hs, ha], -1)
-    lq = ((critic.net.q1(x).squeeze(-1) - y1) ** 2).mean() + ((critic.net.q2(x).squeeze(-1) - y2) ** 2).mean()
-    xf = torch.cat([enc.embed(["s"]), enc.embed(["aaa"])], -1)
-    yv = torch.minimum(critic.target.q1(xf), critic.target.q2(xf)).squeeze(-1)
-    hf = enc.embed(["s"])
-    lv = ((critic.net.v1(hf).squeeze(-1) - yv) ** 2).mean() + ((critic.net.v2(hf).squeeze(-1) - yv) ** 2).mean()
-    assert torch.allclose(loss, lq + lv, atol=1e-6)
+    assert loss.item() == pytest.approx(8.125)
+    assert stats["losses/q"] == pytest.approx(7.125) and stats["losses/v"] == pytest.approx(1.0)
+    assert stats["stats/q_target_mean"] == pytest.approx(0.5) and stats["stats/q_mean"] == pytest.approx(2.5)
 
 
 def test_critic_fits_a_tiny_problem():
@@ -323,7 +347,7 @@ def test_strip_negation():
 
 
 def test_oracle_scores_on_the_hand_written_paraphrases(table_oracle):
-    """The issue's bar: accuracy ≥ 0.9, wrong answers ≤ 0.02, off-table questions confidently answered ≤ 0.1,
+    """The bar the oracle must clear: accuracy ≥ 0.9, wrong answers ≤ 0.02, off-table questions confidently answered ≤ 0.1,
     every category question of the test set answered; on paraphrases written apart from the oracle's bank."""
     from rlnlp.envs.twenty_questions import load_paraphrases
 
@@ -576,7 +600,42 @@ def test_cli_entry_point_prints_no_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rlnlp.archer", "train", "--dataset", str(path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert [line for line in out.stderr.splitlines() if line.startswith("error:")] == [out.stderr.strip()], out.stderr
+    assert [line for line in out.stderr.splitlines() if line.startswith("python -m rlnlp.archer:")] == [out.stderr.strip()], out.stderr
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--env-steps", "-5"], "--env-steps: '-5' is not an integer ≥ 1"),
+    (["--max-turns", "0"], "--max-turns: '0' is not an integer ≥ 1"),
+    (["--seed", "-1"], "--seed: '-1' is not an integer ≥ 0"),
+    (["--kl-coef", "-0.5"], "ArcherConfig.kl_coef must be a finite number ≥ 0, got -0.5"),
+])
+def test_cli_bad_numbers_stop_before_any_model_loads(argv, words, capsys, monkeypatch):
+    """Without the parser's types (``type=int``) and the config's checks, ``--env-steps -5`` trained and exited 0."""
+    monkeypatch.setattr(archer_training, "load_policy", lambda *a, **k: pytest.fail("a model loaded"))
+    assert main(["train", "--dataset", str(CAPITALS), "--profile", "smoke", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and words in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("actor_loss", "ppo2", "ArcherConfig.actor_loss must be one of 'reinforce', 'ppo', got 'ppo2'"),
+    ("target_update", "soft", "ArcherConfig.target_update must be one of 'polyak', 'hard', got 'soft'"),
+    ("env_steps", 0, "ArcherConfig.env_steps must be an integer ≥ 1, got 0"),
+    ("num_envs", -8, "ArcherConfig.num_envs must be an integer ≥ 1"),
+    ("max_turns", 0, "ArcherConfig.max_turns must be an integer ≥ 1"),
+    ("seed", -1, "ArcherConfig.seed must be an integer ≥ 0"),
+    ("tau", 0.0, "ArcherConfig.tau must be a number in (0, 1]"),
+    ("gamma", 1.5, "ArcherConfig.gamma must be a number in [0, 1]"),
+])
+def test_config_rejects_bad_values_naming_the_field(field, value, words):
+    """Every path that builds a config — the presets, ``replace``, with_task — runs the checks (a bad target_update
+    used to fail deep in the critic, a bad actor_loss only after warm-up). Mutation: an empty ``_RULES`` (or no
+    ``check_choices``) lets these through."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        replace(ArcherConfig.smoke(), **{field: value})
+    with pytest.raises(ValueError, match=re.escape(words)):
+        with_task(ArcherConfig.smoke(), "capital_choice", **{field: value})
+    assert getattr(ArcherConfig.smoke(), field) != value  # the preset itself is valid
 
 
 def test_kill_and_resume_continues_exactly(tmp_path, encoder):

@@ -21,12 +21,14 @@ Baselines, matched to ArCHer on BOTH counts — environment samples and actor gr
     grpo     the same loss with trajectory-level group credit: group_size episodes from the SAME
              start, A_i = (G_i − mean_group G) / std_group G — what a TRL user reaches for
 
-Environments: a recurve YAML task file (``rlnlp.envs.recurve``) or Twenty Questions
-(``rlnlp.envs.twenty_questions``; ``twenty_questions_6`` is the variant within a 135M policy's
-reach). Command line (recurve's flags)::
+Environments: a recurve YAML task file (``rlnlp.envs.recurve``) or a multi-turn game (``games``):
+Twenty Questions (``rlnlp.envs.twenty_questions``; ``twenty_questions_6`` is the variant within a
+135M policy's reach) or guess the number (``rlnlp.envs.guess_number``; ``guess_number``). Command
+line (recurve's flags)::
 
     python -m rlnlp.archer train --dataset data/recurve/capital_choice.yaml [--name NAME] [--algo ppo] [--resume]
     python -m rlnlp.archer eval --exp-path runs/NAME --chkpt-label latest
+    python -m rlnlp.archer compare --task guess_number --seeds 0 1 2 [--algos archer ppo grpo]
 
 Task files are code: the loader executes their functions. Run only task files you trust.
 
@@ -47,6 +49,8 @@ from .analysis import (
                        samples_to_return,
 )
 from .cli import main
+from .compare import load_study, plot_study, run_study, save_study, summarize
+from .credit import episode_browser, plot_turn_credit, turn_credit
 from .config import (
                        ALGOS,
                        TASKS,
@@ -59,13 +63,15 @@ from .config import (
 )
 from .critic import Critic, DoubleCritic, critic_phase, hard_update, mlp, polyak_update, q_targets, v_target
 from .envs import check_dataset, env_factory, make_env, resolve_dataset
+from .games import GAMES, game_options
 from .runs import Run, load_checkpoint, read_run, save_checkpoint
 from .training import setup, train, train_archer, train_baseline
 
-__all__ = ["ALGOS", "TASKS", "TWENTY_QUESTIONS_VARIANTS", "ArcherConfig", "Collector", "Critic", "DoubleCritic",
+__all__ = ["ALGOS", "GAMES", "TASKS", "TWENTY_QUESTIONS_VARIANTS", "ArcherConfig", "Collector", "Critic", "DoubleCritic",
            "ReplayBuffer", "Run", "RunFolderError", "Transition", "UsageError", "Utterances", "act", "actor_step",
            "archer_actor_steps", "candidate_values", "check_dataset", "critic_phase", "ended_episodes",
-           "env_factory", "episode_advantages", "evaluate", "hard_update", "load_checkpoint", "main", "make_env",
+           "env_factory", "episode_advantages", "episode_browser", "game_options", "load_study", "plot_study",
+           "plot_turn_credit", "run_study", "save_study", "summarize", "turn_credit", "evaluate", "hard_update", "load_checkpoint", "main", "make_env",
            "mlp", "play", "plot_returns", "policy_step", "polyak_update", "q_targets", "read_run", "resolve_dataset",
            "return_curve", "sample_efficiency", "samples_to_return", "save_checkpoint", "setup", "train",
            "train_archer", "train_baseline", "v_target", "with_task"]

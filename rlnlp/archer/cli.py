@@ -1,15 +1,15 @@
-"""The command line: ``python -m rlnlp.archer train|eval``."""
+"""The command line: ``python -m rlnlp.archer train|eval|compare``."""
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..cli import EXPECTED_ERRORS, Parser, nonneg_int, positive_int, run
 from ..tracking import runs_dir
 from .analysis import ended_episodes, evaluate
+from .compare import add_compare_parser, cli_compare
 from .config import ALGOS, TASKS, TWENTY_QUESTIONS_VARIANTS, ArcherConfig, RunFolderError, UsageError, with_task
 from .envs import check_dataset
 from .runs import _checkpoint_dir, load_checkpoint, read_run
@@ -32,7 +32,10 @@ def _cli_train(args) -> int:
     else:
         over = {k: v for k, v in dict(dataset=args.dataset, seed=args.seed, env_steps=args.env_steps,
                                       actor_loss=args.actor_loss, target_update=args.target_update,
-                                      kl_coef=args.kl_coef, checkpoint_every=args.checkpoint_every).items()
+                                      kl_coef=args.kl_coef, checkpoint_every=args.checkpoint_every,
+                                      number_range=tuple(args.range) if args.range else None,
+                                      candidates=tuple(args.candidates) if args.candidates else None,
+                                      prefill=args.prefill).items()
                 if v is not None}
         if "dataset" not in over:
             raise UsageError("train needs --dataset (a task file or a Twenty Questions variant), or --resume --name NAME")
@@ -74,12 +77,13 @@ def _cli_eval(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line. A user's mistake (a broken task file, a missing run folder or checkpoint, a bad
-    option) prints ONE line naming what and where, and exits with status 2 — no traceback."""
-    from ..envs.recurve import TaskFileError, TaskFunctionError
+PROG = "python -m rlnlp.archer"
 
-    ap = argparse.ArgumentParser(prog="python -m rlnlp.archer", description="ArCHer: an utterance-level critic guides a token-level actor.")
+
+def build_parser() -> Parser:
+    """The options of ``train`` and ``eval``; counts are checked as they are parsed (``--env-steps -5`` stops here,
+    before any model loads), the rest when the config is built (``ArcherConfig.__post_init__``)."""
+    ap = Parser(prog=PROG, description="ArCHer: an utterance-level critic guides a token-level actor.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="train ArCHer (or a baseline) and save runs/NAME")
     tr.add_argument("--dataset", help="a recurve YAML task file, or a Twenty Questions variant "
@@ -88,22 +92,35 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--algo", choices=ALGOS + ("baseline",), default="archer", help="baseline = ppo")
     tr.add_argument("--profile", choices=("smoke", "cpu", "full"), help="budget preset (default: full on CUDA, else cpu)")
     tr.add_argument("--resume", action="store_true", help="continue runs/NAME from its latest checkpoint")
-    tr.add_argument("--seed", type=int)
-    tr.add_argument("--env-steps", type=int, help="environment-sample budget")
-    tr.add_argument("--checkpoint-every", type=int, help="save a checkpoint every N iterations (0 = at the end)")
-    tr.add_argument("--max-turns", type=int, help="episode cap in utterances")
-    tr.add_argument("--utterance-tokens", type=int, help="token cap of one utterance")
+    tr.add_argument("--seed", type=nonneg_int)
+    tr.add_argument("--env-steps", type=positive_int, help="environment-sample budget")
+    tr.add_argument("--checkpoint-every", type=nonneg_int,
+                    help="save a checkpoint every N iterations / rounds (0 = only at the end)")
+    tr.add_argument("--max-turns", type=positive_int, help="episode cap in utterances")
+    tr.add_argument("--utterance-tokens", type=positive_int, help="token cap of one utterance")
     tr.add_argument("--actor-loss", choices=("reinforce", "ppo"))
     tr.add_argument("--target-update", choices=("polyak", "hard"))
     tr.add_argument("--kl-coef", type=float)
+    tr.add_argument("--range", type=int, nargs=2, metavar=("LOW", "HIGH"), help="guess_number: the secret's range")
+    tr.add_argument("--candidates", nargs="+", help="Twenty Questions: the objects the secret is drawn from")
+    tr.add_argument("--prefill", help="multi-turn games: the text each turn starts with ('' for none)")
     ev = sub.add_parser("eval", help="score a checkpoint: success rate and mean return")
     ev.add_argument("--exp-path", required=True)
     ev.add_argument("--chkpt-label", default="latest")
     ev.add_argument("--dataset", help="evaluate on another task file than the run's")
-    ev.add_argument("--episodes", type=int)
-    args = ap.parse_args(argv)
-    try:
-        return _cli_train(args) if args.cmd == "train" else _cli_eval(args)
-    except (TaskFileError, TaskFunctionError, RunFolderError, UsageError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    ev.add_argument("--episodes", type=positive_int)
+    add_compare_parser(sub)
+    return ap
+
+
+def _main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"train": _cli_train, "eval": _cli_eval, "compare": cli_compare}[args.cmd](args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line. A user's mistake (a bad option or value, a broken task file, a missing run folder or
+    checkpoint) prints ONE line naming what and where, and exits with status 2 — no traceback."""
+    from ..envs.recurve import TaskFunctionError
+
+    return run(_main, argv, errors=EXPECTED_ERRORS + (TaskFunctionError,), prog=PROG)

@@ -1,11 +1,12 @@
-"""Environments for ArCHer: a recurve task file or a Twenty Questions variant, and a factory for N copies."""
+"""Environments for ArCHer: a recurve task file or a multi-turn game (``games``), and a factory for N copies."""
 from __future__ import annotations
 
 import copy
 from pathlib import Path
 
 from ..models import TextEncoder
-from .config import TWENTY_QUESTIONS_VARIANTS, ArcherConfig
+from .config import ArcherConfig
+from .games import GAMES, check_game, is_game, make_game
 
 
 def resolve_dataset(path: str) -> Path:
@@ -20,26 +21,21 @@ def resolve_dataset(path: str) -> Path:
 
 def check_dataset(cfg: ArcherConfig):
     """Load and validate ``cfg.dataset`` before anything expensive (a Task, or None for Twenty Questions)."""
-    if cfg.dataset in TWENTY_QUESTIONS_VARIANTS:
+    if is_game(cfg.dataset):
+        check_game(cfg)
         return None
     from ..envs.recurve import TaskFileError, load_task
 
     path = resolve_dataset(cfg.dataset)
     if not path.exists():
-        raise TaskFileError(f"{cfg.dataset}: no such task file (or use a Twenty Questions variant: "
-                            f"{', '.join(TWENTY_QUESTIONS_VARIANTS)})")
+        raise TaskFileError(f"{cfg.dataset}: no such task file (or use a multi-turn game: {', '.join(GAMES)})")
     return load_task(path)
 
 
 def make_env(cfg: ArcherConfig, tokenizer=None, encoder: TextEncoder | None = None):
-    """A fresh environment for ``cfg.dataset`` (a task file, or a Twenty Questions variant)."""
-    if cfg.dataset in TWENTY_QUESTIONS_VARIANTS:
-        from ..envs.twenty_questions import TwentyQuestions
-
-        v = TWENTY_QUESTIONS_VARIANTS[cfg.dataset]
-        return TwentyQuestions(max_turns=cfg.max_turns, encoder=encoder, threshold=cfg.oracle_threshold,
-                               margin=cfg.oracle_margin, candidates=list(v.get("candidates") or []) or None,
-                               prefill=v.get("prefill", ""), tokenizer=tokenizer)
+    """A fresh environment for ``cfg.dataset`` (a task file, or a multi-turn game: Twenty Questions, guess_number)."""
+    if is_game(cfg.dataset):
+        return make_game(cfg, tokenizer, encoder)
     from ..envs.recurve import RecurveEnv
 
     return RecurveEnv(check_dataset(cfg), tokenizer=tokenizer, max_utterances=cfg.max_turns)
@@ -48,6 +44,6 @@ def make_env(cfg: ArcherConfig, tokenizer=None, encoder: TextEncoder | None = No
 def env_factory(cfg: ArcherConfig, tokenizer, encoder: TextEncoder):
     """make() for N copies that share the (expensive) parts: task, tokenizer, oracle embeddings."""
     proto = make_env(cfg, tokenizer, encoder)
-    if cfg.dataset in TWENTY_QUESTIONS_VARIANTS:
+    if is_game(cfg.dataset):
         return proto.clone
     return lambda: copy.copy(proto)  # a RecurveEnv's episode state lives in attributes that reset() rebinds

@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
-import torch
-
+from .. import checkpoint
 from ..envs.base import Episode
 from ..models import load_policy
 from ..tracking import Tracker
@@ -40,42 +37,32 @@ class Run:
         return self.tracker.df
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
 def save_checkpoint(run: Run, label: str, opt, progress_state: dict, complete: bool = False) -> Path:
     """runs/NAME/checkpoints/LABEL/{actor/ (LoRA adapter), state.pt} and runs/NAME/run.json.
 
     state.pt holds what ``--resume`` needs to continue exactly: the actor's optimiser, the critic
     (online, target, optimiser), the replay buffer, the environments mid-episode, the loop's
-    counters and every RNG. Written to a temporary folder and renamed, so a kill mid-save leaves
-    the previous checkpoint intact.
+    counters and every RNG (Python, NumPy, torch and every CUDA device: ``rlnlp.checkpoint``). Written to a
+    temporary folder and renamed, so a kill mid-save leaves the previous checkpoint intact.
     """
     root = run.tracker.dir / "checkpoints"
     out, tmp = root / label, root / f".{label}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     run.model.save_pretrained(tmp / "actor")
-    state = {"opt": opt.state_dict(), "rng": _rng_state(), "progress": progress_state,
+    state = {"opt": opt.state_dict(), "rng": checkpoint.rng_state(), "progress": progress_state,
              "critic": run.critic.state_dict() if run.critic is not None else None,
              "tracker_rows": run.tracker.rows, "env_steps": run.env_steps, "grad_steps": run.grad_steps,
              "policy_samples": run.policy_samples, "episodes": run.episodes, "wall_s": run.wall_s}
-    torch.save(state, tmp / "state.pt")
+    checkpoint.save(tmp / "state.pt", **state)
     old = root / f".{label}.old"
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
-    (run.tracker.dir / "run.json").write_text(json.dumps(
-        {"algo": run.algo, "env_steps": run.env_steps, "grad_steps": run.grad_steps, "complete": complete,
-         "config": asdict(run.cfg)}, indent=2))
+    with checkpoint.atomic_path(run.tracker.dir / "run.json") as meta:
+        meta.write_text(json.dumps({"algo": run.algo, "env_steps": run.env_steps, "grad_steps": run.grad_steps,
+                                    "complete": complete, "config": asdict(run.cfg)}, indent=2))
     return out
 
 
@@ -120,12 +107,12 @@ def _restore(run: Run, opt, exp_dir: Path) -> dict:
     ckpt = _checkpoint_dir(exp_dir, "latest")
     weights = ckpt / "actor" / "adapter_model.safetensors"
     set_peft_model_state_dict(run.model, load_file(str(weights)))
-    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state = checkpoint.load(ckpt / "state.pt")
     opt.load_state_dict(state["opt"])
     if run.critic is not None:
         run.critic.load_state_dict(state["critic"])
     run.tracker.rows = state["tracker_rows"]
     run.env_steps, run.grad_steps = state["env_steps"], state["grad_steps"]
     run.policy_samples, run.episodes, run.wall_s = state["policy_samples"], state["episodes"], state["wall_s"]
-    _set_rng_state(state["rng"])
+    checkpoint.set_rng_state(state["rng"])
     return state["progress"]

@@ -30,9 +30,12 @@ def setup(cfg: ArcherConfig, encoder: TextEncoder | None = None):
     return model, tokenizer, opt, encoder, env_factory(cfg, tokenizer, encoder)
 
 
-def _log_episodes(tracker: Tracker, episodes: list[Episode], ends: list[int], grad_steps: int) -> None:
-    for ep, end in zip(episodes, ends):
+def _log_episodes(tracker: Tracker, episodes: list[Episode], ends: list[int], grad_steps: int,
+                  starts: list[int] | None = None) -> None:
+    """One row per ended episode: when it ended and (``charts/episode_start``) when it began, in env samples."""
+    for ep, end, begin in zip(episodes, ends, starts or [None] * len(episodes)):
         tracker.log(end, {"charts/env_steps": end, "charts/grad_steps": grad_steps,
+                          **({"charts/episode_start": begin} if begin is not None else {}),
                           "charts/episode_return": ep.total_reward,
                           "charts/success": float(bool(ep.infos[-1].get("success"))),
                           "charts/episode_length": len(ep)})
@@ -73,15 +76,19 @@ def train_archer(cfg: ArcherConfig, name: str = "archer", encoder: TextEncoder |
         u = act(model, tokenizer, run.env, col.obs + fresh_obs + (fresh_obs if trains else []), cfg,
                 seed=cfg.seed * 7919 + it)
         run.policy_samples += len(u.texts)
+        t_act = time.time() - t0
         v_actions = u.texts[n:n + F_]  # a′: L_V's targets
         before = len(col.finished)
         buffer.add(col.step(u.texts[:n]))
         done_now = col.finished[before:]
         run.episodes.extend(done_now)
         run.env_steps = col.env_steps
-        _log_episodes(run.tracker, done_now, [col.env_steps] * len(done_now), run.grad_steps)
+        _log_episodes(run.tracker, done_now, [col.env_steps] * len(done_now), run.grad_steps,
+                      starts=[col.env_steps - cfg.num_envs * len(ep) for ep in done_now])
         # 2. critic
+        t1 = time.time()
         stats = critic_phase(critic, buffer, fresh_obs, v_actions, cfg)
+        t_critic, t1 = time.time() - t1, time.time()
         # 3. actor on a″: A = min_j Q_j(s, a″) − min_j V_j(s), online critic, no gradient into it
         if trains:
             fresh = _rows(u, slice(n + F_, n + 2 * F_))
@@ -89,10 +96,14 @@ def train_archer(cfg: ArcherConfig, name: str = "archer", encoder: TextEncoder |
             advantage = vals["q"] - vals["v"]  # (F,)
             stats["stats/advantage_std"] = advantage.std().item() if len(advantage) > 1 else 0.0
             stats["stats/advantage_mean"] = advantage.mean().item()
+            if cfg.center_advantage and len(advantage) > 1:
+                advantage = advantage - advantage.mean()
             if cfg.normalize_advantage and len(advantage) > 1:
                 advantage = advantage / (advantage.std() + 1e-8)
             stats |= actor_step(model, opt, fresh, advantage, cfg)
             run.grad_steps += cfg.ppo_epochs if cfg.actor_loss == "ppo" else 1
+        # where an iteration's time goes: sampling (acting, a′, a″), the critic's steps, the actor's update
+        stats |= {"time/act_s": t_act, "time/critic_s": t_critic, "time/actor_s": time.time() - t1}
         run.wall_s += time.time() - t0
         run.tracker.log(col.env_steps, {"charts/env_steps": col.env_steps, "charts/iteration": it,
                                         "charts/grad_steps": run.grad_steps, "charts/actor_trains": float(trains),
@@ -149,7 +160,7 @@ def train_baseline(cfg: ArcherConfig, name: str = "baseline", encoder: TextEncod
         base = run.env_steps
         run.env_steps += used
         run.episodes.extend(eps)
-        _log_episodes(run.tracker, eps, [base + e for e in ends], run.grad_steps)
+        _log_episodes(run.tracker, eps, [base + e for e in ends], run.grad_steps, starts=[base] * len(eps))
         due = round(grad_steps * min(1.0, run.env_steps / cfg.env_steps)) - run.grad_steps
         stats: dict = {"stats/advantage_std": adv.std().item() if len(adv) > 1 else 0.0,
                        "stats/share_of_informative_groups": float((returns.view(-1, G).std(1) > 0).float().mean())

@@ -1,7 +1,7 @@
 """TextWorld: the reset/step protocol over generated games (score deltas as rewards, the step cap, a held-out
 split disjoint from training, one-line errors), and alectors' command scorer (shapes, masking, PPO direction).
 
-Each test names the mutation it was seen to fail under."""
+Each test names the mutation it must fail under."""
 import json
 import shutil
 
@@ -31,7 +31,7 @@ def walkthrough(game):
 
 
 def test_rewards_are_score_deltas_and_the_walkthrough_wins(simple_game):
-    """tw-simple dense pays at several steps. Mutation seen to fail: reward = the running score instead of its
+    """tw-simple dense pays at several steps. Mutation this test must fail under: reward = the running score instead of its
     change (the rewards then sum past max_score)."""
     env = tw.TextWorldEnv([simple_game], max_steps=100)
     obs = env.reset(0)
@@ -50,7 +50,7 @@ def test_rewards_are_score_deltas_and_the_walkthrough_wins(simple_game):
 
 
 def test_step_cap_truncates_and_a_finished_episode_refuses_steps(coin_game):
-    """Mutation seen to fail: `truncated = not game_over and self.moves > self.max_steps` (one step too many)."""
+    """Mutation this test must fail under: `truncated = not game_over and self.moves > self.max_steps` (one step too many)."""
     env = tw.TextWorldEnv([coin_game], max_steps=3)
     env.reset(0)
     dones = [env.step("look")[2] for _ in range(3)]
@@ -61,7 +61,7 @@ def test_step_cap_truncates_and_a_finished_episode_refuses_steps(coin_game):
 
 
 def test_held_out_games_are_disjoint_from_training_games():
-    """Mutation seen to fail: held-out seeds starting at 0 (`held_out_from=0`) — the same games in both sets."""
+    """Mutation this test must fail under: held-out seeds starting at 0 (`held_out_from=0`) — the same games in both sets."""
     train, held = tw.split_games(COIN, 3, 3)
     assert len(train) == len(held) == 3
     assert not set(train) & set(held)
@@ -71,7 +71,7 @@ def test_held_out_games_are_disjoint_from_training_games():
 
 
 def test_a_game_given_as_a_file_outside_the_cache_plays(tmp_path, coin_game):
-    """A user's own game file (here a copy elsewhere): played by its path. Mutation seen to fail: reset(game=path)
+    """A user's own game file (here a copy elsewhere): played by its path. Mutation this test must fail under: reset(game=path)
     looking the path up among the env's games."""
     mine = tmp_path / "mine.z8"
     shutil.copy(coin_game, mine)
@@ -86,7 +86,7 @@ def test_a_game_given_as_a_file_outside_the_cache_plays(tmp_path, coin_game):
 
 
 def test_bad_game_files_are_one_line_naming_the_file(tmp_path, coin_game, capsys):
-    """Mutations seen to fail: dropping the .json check (the missing-.json case then loads without commands) and
+    """Mutations this test must fail under: dropping the .json check (the missing-.json case then loads without commands) and
     dropping the Z-machine header check (the interpreter then ends the whole test process: "Fatal error: Unknown
     Z-code version")."""
     missing = tmp_path / "nowhere.z8"
@@ -121,7 +121,7 @@ def flip_one_byte(data: bytes) -> bytes:
 
 
 def test_unknown_family_or_setting_is_one_line():
-    """Mutation seen to fail: the plain argparse parser (prints usage and exits instead of raising)."""
+    """Mutation this test must fail under: the plain argparse parser (prints usage and exits instead of raising)."""
     with pytest.raises(ValueError, match="unknown TextWorld challenge") as err:
         tw.GameFamily.parse("tw-nonsense --level 5")
     assert "\n" not in str(err.value)
@@ -133,7 +133,7 @@ def test_unknown_family_or_setting_is_one_line():
 
 
 def test_without_textworld_every_entry_point_says_so_in_one_line(monkeypatch, coin_game):
-    """Mutation seen to fail: TextWorldEnv importing textworld without require_textworld (no error at all here)."""
+    """Mutation this test must fail under: TextWorldEnv importing textworld without require_textworld (no error at all here)."""
     monkeypatch.setattr(tw, "AVAILABLE", False)
     for call in (lambda: tw.TextWorldEnv([coin_game]), lambda: COIN.parsed_settings()):
         with pytest.raises(tw.TextWorldMissing) as err:
@@ -182,7 +182,7 @@ STATES = [(("Last command: go south.", "A kitchen. Exits east and north."), ("go
 
 
 def test_command_scores_have_menu_shapes_and_padding_gets_no_probability():
-    """Mutation seen to fail: CommandScorer without the masked_fill (the padded third slot of state 2 then
+    """Mutation this test must fail under: CommandScorer without the masked_fill (the padded third slot of state 2 then
     gets probability)."""
     from rlnlp.alectors import MenuAlector, read_states
 
@@ -204,8 +204,8 @@ def test_command_scores_have_menu_shapes_and_padding_gets_no_probability():
 
 
 def test_ppo_on_menu_states_moves_command_probabilities_with_the_advantage_sign():
-    """alectors' own ppo_update trains the menu agent. Mutation seen to fail: MenuAlector.dist ignoring the
-    command menu (scoring the state alone gives one logit per state: no command can rise over another)."""
+    """alectors' own ppo_update trains the menu agent. Mutation this test must fail under: the scorer
+    ignoring the command (`torch.cat([s, s * 0, s * 0])`: one logit for the whole menu, no command can rise over another)."""
     from rlnlp.alectors import MenuAlector, make_optimizers, ppo_update, read_states
 
     torch.manual_seed(0)
@@ -224,7 +224,7 @@ def test_ppo_on_menu_states_moves_command_probabilities_with_the_advantage_sign(
 
 
 def test_state_fields_carry_the_last_command_and_skip_a_repeated_room():
-    """Mutation seen to fail: dropping the last-command field (the reader then cannot tell forward from back)."""
+    """Mutation this test must fail under: dropping the last-command field (the reader then cannot tell forward from back)."""
     info = {"last_command": "go east", "description": "-= Attic =- Exits west and north.", "inventory": "You carry nothing.",
             "objective": "Find the coin."}
     fields = tw.state_fields("-= Attic =- Exits west and north.", info)
@@ -235,7 +235,7 @@ def test_state_fields_carry_the_last_command_and_skip_a_repeated_room():
 
 def test_a_short_training_run_on_real_games_and_its_transcript_widget(coin_game):
     """The whole loop on two real games (fake encoder): episodes end, PPO steps, the transcript widget builds.
-    Mutation seen to fail: collect() not resetting a finished env (the next step raises)."""
+    Mutation this test must fail under: collect() not resetting a finished env (the next step raises)."""
     from rlnlp import widgets
     from rlnlp.alectors import textworld as AT
 
@@ -269,7 +269,7 @@ MENUS = [["go east", "inventory"], ["go north", "go south", "look"]]
 
 def test_menu_logprobs_share_the_prompt_and_match_the_naive_score(policy_lm):
     """The shared-prefill score equals scoring each (prompt, command) pair on its own (prompts of different
-    lengths: left padding). Mutation seen to fail: command positions starting at the padded prompt width
+    lengths: left padding). Mutation this test must fail under: command positions starting at the padded prompt width
     instead of each prompt's own length."""
     from rlnlp.models import completion_logprobs
     from rlnlp.textworld_lm import menu_logprobs
@@ -287,7 +287,7 @@ def test_menu_logprobs_share_the_prompt_and_match_the_naive_score(policy_lm):
 
 
 def test_one_reinforce_step_raises_the_rewarded_command(policy_lm):
-    """Mutation seen to fail: reinforce_loss without its minus sign (the rewarded command then falls)."""
+    """Mutation this test must fail under: reinforce_loss without its minus sign (the rewarded command then falls)."""
     from rlnlp.losses import reinforce_loss
     from rlnlp.models import attach_lora
     from rlnlp.textworld_lm import menu_logprobs

@@ -13,9 +13,21 @@ The shared core (every system builds on these; systems never import each other):
     data      wikipedia_summaries(), twenty_questions(), data_dir()
     stats     paired_difference(), mean_interval(), wilson(), bootstrap(), binned_rate() -> Interval
     results   Results(notebook).add(...) — headline rows; ``python -m rlnlp.scoreboard`` prints them
+    checks    rules a config's __post_init__ applies (Literal choices, ranges): one ValueError per bad field
+    checkpoint save() (atomic) / load(), rng_state() / set_rng_state() — long runs resume exactly
+    cli       Parser, run(main), UsageError — every command line's one-line error path (exit status 2)
 """
-from .models import (EmbeddedModelMissing, TextEncoder, attach_lora, completion_logprobs, kl_k3, load_encoder,
-                     load_policy, load_tokenizer, masked_mean)
+from .models import (
+    EmbeddedModelMissing,
+    TextEncoder,
+    attach_lora,
+    completion_logprobs,
+    kl_k3,
+    load_encoder,
+    load_policy,
+    load_tokenizer,
+    masked_mean,
+)
 from .results import Results
 from .returns import discounted_returns, gae
 from .runtime import banner, device, dtype, pick, profile, seed_everything

@@ -5,17 +5,22 @@
     turns     multi-turn rollouts (Twenty Questions-like chat) with vs without carrying each episode's keys
     erl       the ERL trainer's benchmark (rlnlp.erl.bench_main)
     erl-seeds notebook 05's ERL vs GRPO comparison at other seeds (rlnlp.erl.seeds_main)
+    erl-compare ERL vs GRPO at equal wall-clock and equal tokens, and ERL's ablations, over seeds
+              (rlnlp.erl.compare.compare_main)
+    erl-zone  where a feedback task sits for ERL: first attempts, group variance, retries with feedback
+              (rlnlp.erl.compare.zone_main)
 
 Run them on an idle machine (``/work/bin/cpuslot --both python -m rlnlp.bench sampler`` here) and
 quote the date, the machine and the thread count with the numbers.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import sys
 import time
 
-from .cli import Parser, describe, positive_int
+from .cli import Parser, UsageError, describe, positive_int, run
 
 SAMPLER_CASES = {
     "a": "n=4 samples of 8 ~200-token chat prompts, 16 new tokens (prefill-bound: one prefill per prompt)",
@@ -47,8 +52,10 @@ def _sampler_prompts(case: str, tokenizer) -> tuple[list, dict]:
         passages = [tokenizer.decode(tokenizer(text)["input_ids"][:160]) for text in long]
         return [f"Read the passage and explain it to a child.\n\n{p}" for p in passages], dict(n=4, max_new_tokens=16)
     if case == "b":
-        states = [f"You are at ({r}, {c}) and the goal is at ({4 - c}, {r}). Which move?" for r in range(5) for c in range(5)]
-        states += [f"You are at ({r}, {r}) and the goal is at (0, 4). Your last move hit a wall. Which move?" for r in range(5)]
+        states = [f"You are at ({r}, {c}) and the goal is at ({4 - c}, {r}). Which move?"
+                  for r in range(5) for c in range(5)]
+        states += [f"You are at ({r}, {r}) and the goal is at (0, 4). Your last move hit a wall. Which move?"
+                   for r in range(5)]
         states += ["You are at (2, 2) and the goal is at (2, 2)? Which move?", "You are lost. Which move?"]
         return [f"{GRID_RULES}\n\n{s}" for s in states[:32]], dict(n=1, max_new_tokens=16)
     return [f"Write a long story about {t}." for t in TOPICS], dict(n=1, max_new_tokens=64)
@@ -88,44 +95,26 @@ def _time_sampler_case(model, tokenizer, case: str, repeat: int) -> dict:
 
 def sampler_main(argv: list[str]) -> int:
     """``python -m rlnlp.bench sampler [--case a|b|c ...] [--repeat N]``: tokens/s of both samplers and their ratio."""
-    usage = "usage: python -m rlnlp.bench sampler [--case a|b|c ...] [--repeat N≥1]"
-    cases, repeat = [], 2
-    args = list(argv)
-    while args:
-        a = args.pop(0)
-        if a in ("-h", "--help"):
-            print(f"{usage}\n" + "\n".join(f"  ({c}) {d}" for c, d in SAMPLER_CASES.items()))
-            return 0
-        if a not in ("--case", "--repeat"):
-            print(f"rlnlp.bench sampler: unknown argument {a!r}; {usage}", file=sys.stderr)
-            return 2
-        if not args:
-            print(f"rlnlp.bench sampler: {a} needs a value; {usage}", file=sys.stderr)
-            return 2
-        v = args.pop(0)
-        if a == "--case" and v in SAMPLER_CASES:
-            cases.append(v)
-        elif a == "--repeat" and v.isdigit() and int(v) >= 1:
-            repeat = int(v)
-        else:
-            want = "one of a, b, c" if a == "--case" else "an integer ≥ 1"
-            print(f"rlnlp.bench sampler: bad value {v!r} for {a} (want {want}); {usage}", file=sys.stderr)
-            return 2
-    from .models import load_policy
-
-    try:
-        model, tokenizer = load_policy(trainable=False)
-    except (OSError, ValueError, RuntimeError) as e:  # no model files, a bad RLNLP_POLICY, no device
-        print(f"rlnlp.bench sampler: could not load the policy model: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-              file=sys.stderr)
+    parser = Parser(prog="python -m rlnlp.bench sampler", description=sampler_main.__doc__,
+                    epilog="\n".join(f"({c}) {d}" for c, d in SAMPLER_CASES.items()),
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", action="append", choices=tuple(SAMPLER_CASES), default=[],
+                        help="one benchmark case (repeat the option for several; default: all)")
+    parser.add_argument("--repeat", type=positive_int, default=2, help="runs of each sampler; the fastest counts")
+    args = parser.parse_args(argv)
+    cases, repeat = args.case, args.repeat
+    loaded = _load_policy_or_exit("sampler")
+    if loaded is None:
         return 1
+    model, tokenizer = loaded
     _header(model, f"best of {repeat} runs each")
     from .sampling import sample
 
     sample(model, tokenizer, ["Warm up."], n=2, max_new_tokens=4, seed=0)  # first-call costs out of the timings
     model.generate(**tokenizer(["Warm up."], return_tensors="pt").to(model.device), max_new_tokens=4,
                    pad_token_id=tokenizer.pad_token_id)
-    header = f"{'case':<5}{'rows':>5}{'prompt tok':>11}{'new':>5} | {'sample tok':>10}{'s':>7}{'tok/s':>7} | {'generate tok':>12}{'s':>7}{'tok/s':>7} | {'ratio':>6}"
+    header = (f"{'case':<5}{'rows':>5}{'prompt tok':>11}{'new':>5} | {'sample tok':>10}{'s':>7}{'tok/s':>7} | "
+              f"{'generate tok':>12}{'s':>7}{'tok/s':>7} | {'ratio':>6}")
     print(header)
     print("-" * len(header))
     for case in cases or list(SAMPLER_CASES):
@@ -357,19 +346,41 @@ def erl_seeds_main(argv: list[str]) -> int:
     return int(seeds_main(argv) or 0)
 
 
+def erl_compare_main(argv: list[str]) -> int:
+    from .erl.compare import compare_main
+
+    return int(compare_main(argv) or 0)
+
+
+def erl_zone_main(argv: list[str]) -> int:
+    from .erl.compare import zone_main
+
+    return int(zone_main(argv) or 0)
+
+
 SUITES = {"sampler": sampler_main, "precision": precision_main, "turns": turns_main, "erl": erl_main,
-          "erl-seeds": erl_seeds_main}
+          "erl-seeds": erl_seeds_main,
+          "erl-compare": erl_compare_main, "erl-zone": erl_zone_main}
+
+
+USAGE = f"usage: python -m rlnlp.bench {{{'|'.join(SUITES)}}} [options]"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a suite. A bad suite or a bad option of ``sampler`` is one line and exit status 2; the ERL suites
+    parse their own options."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    if argv and argv[0] in ("erl", "erl-seeds"):  # their own command lines, with their own error path
+        return SUITES[argv[0]](argv[1:])
+    return run(_dispatch, argv, errors=(UsageError,), prog="python -m rlnlp.bench")
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] not in SUITES:
-        got = f"unknown suite {argv[0]!r}" if argv else "no suite given"
-        print(f"rlnlp.bench: {got}; usage: python -m rlnlp.bench {{{'|'.join(SUITES)}}} [options]", file=sys.stderr)
-        return 2
+        raise UsageError(f"{f'unknown suite {argv[0]!r}' if argv else 'no suite given'}; {USAGE}")
     return SUITES[argv[0]](argv[1:])
 
 

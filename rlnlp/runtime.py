@@ -12,10 +12,11 @@ Three profiles share one code path (``RLNLP_PROFILE`` forces one):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import platform
 import random
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 
 import numpy as np
 import torch
@@ -158,22 +159,25 @@ def seed_everything(seed: int) -> None:
 
 
 def pick(config_cls, prof: str | None = None, **overrides):
-    """Instantiate ``config_cls.smoke()``, ``.cpu()`` or ``.full()`` for the active profile, then apply overrides."""
+    """Instantiate ``config_cls.smoke()``, ``.cpu()`` or ``.full()`` for the active profile, then apply overrides.
+
+    The config is built ONCE with the overrides in place, so its ``__post_init__`` checks the overridden values too
+    (a bad one raises ValueError naming the field): a preset that takes keyword arguments gets them
+    (``ERLConfig.cpu(**overrides)``: TRL's ``__post_init__`` derives fields and must not run twice), any other
+    preset's config is rebuilt with ``dataclasses.replace``."""
     prof = profile(prof)
     preset = getattr(config_cls, prof, None)
     if preset is None:
         raise TypeError(f"{config_cls.__name__} has no .{prof}() preset (profiles: {', '.join(PROFILES)})")
-    cfg = preset()
-    if overrides:
-        if not is_dataclass(cfg):
-            raise TypeError(f"{config_cls.__name__} is not a dataclass")
-        names = {f.name for f in fields(cfg)}
-        unknown = set(overrides) - names
-        if unknown:
-            raise TypeError(f"{config_cls.__name__} has no field(s) {sorted(unknown)}")
-        for key, value in overrides.items():
-            setattr(cfg, key, value)
-    return cfg
+    if not overrides:
+        return preset()
+    if not is_dataclass(config_cls):
+        raise TypeError(f"{config_cls.__name__} is not a dataclass")
+    unknown = set(overrides) - {f.name for f in fields(config_cls)}
+    if unknown:
+        raise TypeError(f"{config_cls.__name__} has no field(s) {sorted(unknown)}")
+    takes_keywords = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(preset).parameters.values())
+    return preset(**overrides) if takes_keywords else replace(preset(), **overrides)
 
 
 def banner(title: str, prof: str | None = None, seed: int | None = None, expected: dict | None = None) -> dict:

@@ -10,16 +10,17 @@ side of zero, **worse** when wholly on the bad side, **no** when it straddles ze
 """
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import sys
 from pathlib import Path
 
+from .cli import Parser, run
 from .results import load_rows, results_dir
 from .runtime import PROFILES
 
-COLUMNS = ["system", "task", "metric", "method", "baseline", "method − baseline [95% CI]", "n", "learns?", "wall", "run"]
+COLUMNS = ["system", "task", "metric", "method", "baseline", "method − baseline [95% CI]", "n", "learns?", "wall",
+           "run"]
 
 
 def _num(x: float) -> str:
@@ -82,29 +83,35 @@ def paste_into(readme: Path, prof: str, text: str) -> None:
     readme.write_text(new)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlnlp.scoreboard", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", choices=PROFILES, default=None, help="which results folder (default: the active profile)")
-    parser.add_argument("--readme", type=Path, default=None, help="also paste the table into this README's scoreboard block")
-    args = parser.parse_args(argv)
-    try:
-        from .runtime import profile
+PROG = "python -m rlnlp.scoreboard"
 
-        prof = profile(args.profile)
-        rows = load_rows(prof)
-        if not rows:
-            print(f"no results recorded for the {prof!r} profile yet (looked in {results_dir(prof)}); "
-                  f"run the notebooks first, e.g. `make learn`", file=sys.stderr)
-            return 1
-        text = f"{summary(rows)}\n\n{table(rows)}"
-        print(text)
-        if args.readme:
-            paste_into(args.readme, prof, text)
-            print(f"\npasted into {args.readme}", file=sys.stderr)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=PROFILES, default=None,
+                        help="which results folder (default: the active profile)")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="also paste the table into this README's scoreboard block")
+    args = parser.parse_args(argv)
+    from .runtime import profile
+
+    prof = profile(args.profile)
+    rows = load_rows(prof)
+    if not rows:
+        print(f"no results recorded for the {prof!r} profile yet (looked in {results_dir(prof)}); "
+              f"run the notebooks first, e.g. `make learn`", file=sys.stderr)
+        return 1
+    text = f"{summary(rows)}\n\n{table(rows)}"
+    print(text)
+    if args.readme:
+        paste_into(args.readme, prof, text)
+        print(f"\npasted into {args.readme}", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; a bad option, an unreadable results file or README is one line and exit status 2."""
+    return run(_main, argv, errors=(ValueError, OSError), prog=PROG)
 
 
 if __name__ == "__main__":

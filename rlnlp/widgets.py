@@ -13,7 +13,8 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, dict):
-        items = sorted(value.items(), key=lambda kv: -kv[1]) if all(isinstance(v, (int, float)) for v in value.values()) else value.items()
+        numeric = all(isinstance(v, (int, float)) for v in value.values())
+        items = sorted(value.items(), key=lambda kv: -kv[1]) if numeric else value.items()
         return "<br>".join(f"{html.escape(str(k))}: {_cell(v)}" for k, v in items)
     if isinstance(value, (list, tuple)) and len(value) > 12:
         value = list(value[:12]) + ["…"]

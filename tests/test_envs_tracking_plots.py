@@ -16,7 +16,8 @@ def test_bisect_policy_always_finds_the_number_within_log2_guesses():
         assert ep.done and ep.infos[-1]["verdict"] == "correct"
         lengths.append(len(ep))
     assert max(lengths) <= math.ceil(math.log2(17))
-    assert all(ep_r == -(n - 1) for ep_r, n in zip([rollout(env, bisect_policy, seed=s).total_reward for s in range(40)], lengths))
+    totals = [rollout(env, bisect_policy, seed=s).total_reward for s in range(40)]
+    assert all(ep_r == -(n - 1) for ep_r, n in zip(totals, lengths))
 
 
 def test_guess_number_handles_text_without_a_number():

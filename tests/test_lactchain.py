@@ -10,12 +10,40 @@ import pytest
 import torch
 
 from rlnlp.envs.gridworld import FORWARD, LEFT, RIGHT, GridWorld, policy_evaluation, sample_action, value_iteration
-from rlnlp.lactchain import (ANSWER_PREFIX, DIRECTIONS, Actor, ChainOutcome, Critic, LactChainConfig, MCSample,
-                             ParsedChain, Proposals, best_worst_pairs, chain_advantage, chain_baselines,
-                             collect_preferences, episode_samples, evaluate, exact_judge, execute_chain,
-                             first_chain_advantages, fit_critic, goal_offset, grid_values, mc_samples, menu,
-                             move_complete, parse_move, preference_stats, rules, run_episodes, scripted_policy,
-                             simpo_loss, state_text, train_simpo)
+from rlnlp.lactchain import (
+    ANSWER_PREFIX,
+    DIRECTIONS,
+    Actor,
+    ChainOutcome,
+    Critic,
+    LactChainConfig,
+    MCSample,
+    ParsedChain,
+    Proposals,
+    best_worst_pairs,
+    chain_advantage,
+    chain_baselines,
+    collect_preferences,
+    episode_samples,
+    evaluate,
+    exact_judge,
+    execute_chain,
+    first_chain_advantages,
+    fit_critic,
+    goal_offset,
+    grid_values,
+    mc_samples,
+    menu,
+    move_complete,
+    parse_move,
+    preference_stats,
+    rules,
+    run_episodes,
+    scripted_policy,
+    simpo_loss,
+    state_text,
+    train_simpo,
+)
 from rlnlp.sampling import Samples
 
 G = 0.99
@@ -96,7 +124,8 @@ def offset_answer(env):
     """The move named first by the state text's offset: the ahead/behind part, else the sideways part."""
     def answer(state, j=0):
         ahead, right = goal_offset(env, state)
-        n, d = (abs(ahead), "ahead" if ahead > 0 else "behind") if ahead else (abs(right), "right" if right > 0 else "left")
+        n, d = ((abs(ahead), "ahead" if ahead > 0 else "behind") if ahead
+                else (abs(right), "right" if right > 0 else "left"))
         return f"{n} cells {d}"
     return answer
 
@@ -260,7 +289,8 @@ def test_fit_critic_bootstraps_cut_episodes():
 def fake_samples(prompts: list[str], texts: list[str], n: int) -> Samples:
     R = len(texts)
     return Samples(prompts=prompts, prompt_texts=[p for p in prompts for _ in range(n)],
-                   prompt_index=torch.arange(len(prompts)).repeat_interleave(n), prompt_ids=torch.ones(R, 2, dtype=torch.long),
+                   prompt_index=torch.arange(len(prompts)).repeat_interleave(n),
+                   prompt_ids=torch.ones(R, 2, dtype=torch.long),
                    prompt_mask=torch.ones(R, 2, dtype=torch.long), completion_ids=torch.ones(R, 1, dtype=torch.long),
                    completion_mask=torch.ones(R, 1, dtype=torch.long), logprobs=torch.zeros(R, 1), texts=texts)
 
@@ -330,7 +360,8 @@ def test_chain_baselines_match_simulation():
                     hits += 1
                     break
         assert abs(hits / 3000 - b["random"]["success"][i]) < 4 * math.sqrt(0.25 / 3000) + 1e-9
-    assert b["constant"]["success"].mean() == max(np.mean([run_const(env, s, c, cfg.max_chains) for s in states]) for c in chains)
+    best_constant = max(np.mean([run_const(env, s, c, cfg.max_chains) for s in states]) for c in chains)
+    assert b["constant"]["success"].mean() == best_constant
 
 
 def run_const(env, s, c, chains):
@@ -348,7 +379,8 @@ def test_collect_preferences_rows_values_and_failure_order():
     states = [(3, 3, 0), (0, 0, 1), (3, 0, 2)]
 
     def judge(ss):  # distinct values, and high where the chains start: V(s) and V(s′) cannot be confused
-        return np.array([1000.0 + states.index(s) if s in states else -1000.0 - (16 * s[2] + 4 * s[1] + s[0]) for s in ss])
+        return np.array([1000.0 + states.index(s) if s in states else -1000.0 - (16 * s[2] + 4 * s[1] + s[0])
+                         for s in ss])
 
     answers = {(3, 3, 0): ["1 cell ahead", "garbage", "1 cell behind"],   # failure vs two valid moves
                (0, 0, 1): ["nope", "1 cell ahead", "nope"],              # one valid move: it beats both failures
@@ -415,7 +447,8 @@ def test_actor_prompt_and_proposals(lora_actor):
     assert prompts[0].endswith(ANSWER_PREFIX) and "(3, 2) facing east" in prompts[1]
     assert "goal position is at (1, 1)" in prompts[0]
     system = rules(env)
-    assert system in prompts[0] and not any(parse_move(system[i:]).ok for i in range(len(system)))  # a schema, no example
+    # a schema, no example
+    assert system in prompts[0] and not any(parse_move(system[i:]).ok for i in range(len(system)))
     assert len(lora_actor.tokenizer(prompts[0])["input_ids"]) <= 100
     props = lora_actor.propose(states, n=3, seed=0)
     assert props.samples.prompt_index.tolist() == [0, 0, 0, 1, 1, 1] and props.row_states()[3] == (3, 2, 1)
@@ -425,14 +458,16 @@ def test_actor_prompt_and_proposals(lora_actor):
 @pytest.mark.slow
 def test_untrained_actor_reads_the_state(lora_actor):
     """Greedy over all 60 start states, the untrained actor (the base model: the adapter switched off, whatever other
-    tests trained) gives ≥ 10 distinct answers, nearly all valid moves (with the old "Move " prefix: 7, 4 of them valid)."""
+    tests trained) gives ≥ 10 distinct answers, nearly all valid moves (with the old "Move " prefix: 7, 4 of them
+    valid)."""
     with lora_actor.model.disable_adapter():
         props = lora_actor.propose(lora_actor.env.start_states(), n=1, temperature=0.0)
     texts = props.samples.texts
     assert len(texts) == 60
     assert len(set(texts)) >= 10, sorted(set(texts))
     assert np.mean([p.ok for p in props.parsed]) >= 0.9
-    assert len({tuple(p.moves) for p in props.parsed if p.ok}) >= 6  # several different chains, not one move in many spellings
+    # several different chains, not one move in many spellings
+    assert len({tuple(p.moves) for p in props.parsed if p.ok}) >= 6
 
 
 @pytest.mark.slow

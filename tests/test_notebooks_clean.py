@@ -32,7 +32,8 @@ def test_first_code_cell_picks_profile_seeds_and_prints_banner(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_defines_no_functions_or_classes(path):
     for i, cell in enumerate(code_cells(path)):
-        src = "\n".join(l for l in "".join(cell["source"]).splitlines() if not l.lstrip().startswith(("%", "!")))
+        src = "\n".join(line for line in "".join(cell["source"]).splitlines()
+                        if not line.lstrip().startswith(("%", "!")))
         tree = ast.parse(src)
         defs = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
         assert not defs, f"{path.name} cell {i} defines {defs}: reusable code belongs in rlnlp"

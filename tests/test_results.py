@@ -81,7 +81,8 @@ def test_scoreboard_pastes_into_the_readme_block(monkeypatch, tmp_path):
 def test_scoreboard_pluralises_the_noun_before_a_parenthesis():
     from rlnlp.scoreboard import units
 
-    assert units("evaluation episode (same start and sampling seed)", 256) == "evaluation episodes (same start and sampling seed)"
+    assert (units("evaluation episode (same start and sampling seed)", 256)
+            == "evaluation episodes (same start and sampling seed)")
     assert units("held-out route", 64) == "held-out routes"
     assert units("held-out route", 1) == "held-out route"
     assert units("start states", 60) == "start states"

@@ -52,7 +52,8 @@ def test_gae_matches_naive_loop_and_resets_at_episode_ends():
     next_value = torch.randn(N, generator=g)
     adv, ret = gae(rewards, values, dones, next_value, gamma=0.97, lam=0.9)
     for n in range(N):
-        want = naive_gae(rewards[:, n].tolist(), values[:, n].tolist(), dones[:, n].tolist(), next_value[n].item(), 0.97, 0.9)
+        want = naive_gae(rewards[:, n].tolist(), values[:, n].tolist(), dones[:, n].tolist(), next_value[n].item(),
+                         0.97, 0.9)
         assert torch.allclose(adv[:, n], torch.tensor(want), atol=1e-5)
     assert torch.allclose(ret, adv + values)
 

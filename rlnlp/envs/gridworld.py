@@ -144,7 +144,8 @@ def policy_evaluation(env: GridWorld, policy: Callable[[State], dict[str, float]
             V[o, y, x] = v
         if delta < tol:
             return V
-    raise RuntimeError(f"policy evaluation did not converge in {max_iter} sweeps (a policy that never reaches the goal with γ=1?)")
+    raise RuntimeError(f"policy evaluation did not converge in {max_iter} sweeps (a policy that never reaches the "
+                       "goal with γ=1?)")
 
 
 def q_from_v(env: GridWorld, V: np.ndarray, gamma: float = 0.99) -> dict[State, dict[str, float]]:

@@ -92,7 +92,8 @@ class InstructionMaze:
         return len(self.actions) ** -self.length
 
     def random_policy_return(self) -> float:
-        """Expected undiscounted return of the uniform policy: Σ_k p^k·move_reward + p^L·bonus + Σ_k p^(k−1)(1−p)·wrong."""
+        """Expected undiscounted return of the uniform policy:
+        Σ_k p^k·move_reward + p^L·bonus + Σ_k p^(k−1)(1−p)·wrong."""
         p = 1.0 / len(self.actions)
         moves = sum(p ** k for k in range(1, self.length + 1)) * self.move_reward
         wrong = sum(p ** k * (1 - p) for k in range(self.length)) * self.wrong_reward

@@ -117,7 +117,8 @@ class Task:
         if isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value):
             return float(value)
         raise TaskFunctionError(f"{self.path}: score_fn (line {self.lines['score_fn']}) must return a bool or a "
-                                f"finite number, got {type(value).__name__} {value!r:.40} on {self.describe_item(item)}")
+                                f"finite number, got {type(value).__name__} {value!r:.40} on "
+                                f"{self.describe_item(item)}")
 
     def done(self, text: str, item: int | None) -> bool:
         return self._check_bool("done_fn", item, self._call("done_fn", item, text))
@@ -135,7 +136,8 @@ def _fail(path, line: int, where: str, problem: str) -> TaskFileError:
 def _mapping(node, path, where: str) -> dict:
     """A YAML mapping node as {key: (key_node, value_node)}."""
     if not isinstance(node, yaml.MappingNode):
-        raise _fail(path, node.start_mark.line + 1, where, f"expected a mapping of keys, got {node.tag.rsplit(':', 1)[-1]}")
+        raise _fail(path, node.start_mark.line + 1, where,
+                    f"expected a mapping of keys, got {node.tag.rsplit(':', 1)[-1]}")
     return {k.value: (k, v) for k, v in node.value}
 
 
@@ -192,7 +194,8 @@ def load_task(path: str | Path) -> Task:
     top = _mapping(root, path, "(top level)")
     for key in REQUIRED_KEYS:
         if key not in top:
-            raise _fail(path, root.start_mark.line + 1, key, f"missing key {key!r} in the top-level mapping (it has: {', '.join(top) or 'nothing'})")
+            raise _fail(path, root.start_mark.line + 1, key,
+                        f"missing key {key!r} in the top-level mapping (it has: {', '.join(top) or 'nothing'})")
     main_prompt = _text(top["main_prompt"][1], path, "main_prompt")
     default_prefix = _text(top["reply_prefix"][1], path, "reply_prefix") if "reply_prefix" in top else ""
     items_node = top["items"][1]
@@ -229,7 +232,8 @@ class RecurveEnv:
     actions = None
     chat = False
 
-    def __init__(self, task: Task | str | Path, tokenizer=None, max_utterances: int = 8, end_of_turn: str | None = None):
+    def __init__(self, task: Task | str | Path, tokenizer=None, max_utterances: int = 8,
+                 end_of_turn: str | None = None):
         from ..models import load_tokenizer
         from ..sampling import render_prompts
 

@@ -1,6 +1,7 @@
 """ERL's configuration: ``ERLConfig`` (every ``GRPOConfig`` option plus ERL's), its presets and the prompt templates."""
 from __future__ import annotations
 
+import os
 import string
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -146,6 +147,8 @@ class ERLConfig(GRPOConfig):
     def __post_init__(self):
         if self.bf16 is None and not self.fp16 and not torch.cuda.is_available():
             self.bf16, self.use_cpu = False, True
+        if self.ddp_backend is not None and "LOCAL_RANK" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
+            self.ddp_backend = None  # a plain `python script.py`: no process group to join (accelerate would fail)
         super().__post_init__()
         self.check()
 

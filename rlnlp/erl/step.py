@@ -50,10 +50,21 @@ class ERLStep:
     """Per gated row: (x → y2) is distilled by the internalization loss."""
     batch: dict | None = None
     """The row-aligned batch of y1, Δ, y2 and internalization rows the loss trains on."""
+    r1_all: torch.Tensor | None = None
+    """In several processes: (P·B,) r1 of every process's rows in rank order (``r1`` is this process's slice).
+    In one process: ``r1``."""
+    gated_counts: list[int] = field(default_factory=list)
+    """G of every process, in rank order."""
+    r2_all: torch.Tensor | None = None
+    """(Σ G,) r2 of every process's retries, in rank order (one process: ``r2``)."""
 
     def __post_init__(self):
         if self.r2 is None:
             self.r2 = torch.zeros(0, device=self.r1.device)
+        if self.r1_all is None:
+            self.r1_all = self.r1
+        if self.r2_all is None:
+            self.r2_all = self.r2
 
 
 def last_user_text(prompt) -> str:
@@ -130,14 +141,16 @@ def stack_parts(parts: list[dict], pad_id: int) -> dict:
     return batch
 
 
-def step_metrics(step: ERLStep, memory_size: int) -> dict[str, float]:
-    """What one step logs: rewards before and after the retry, the gate, the memory, and per part what is trained
-    (rows with ≥ 1 loss token, their loss tokens and their prompt tokens)."""
-    r1, r2, gated, G, batch = step.r1, step.r2, step.gated, len(step.gated), step.batch
+def step_metrics(step: ERLStep, memory_size: int, tau: float) -> dict[str, float]:
+    """What one step logs: rewards before and after the retry and the gate over every process's rows, the memory,
+    and this process's counts (which the trainer sums over processes): entries it added and per part what is
+    trained (rows with ≥ 1 loss token, their loss tokens and their prompt tokens)."""
+    r1, r2, batch = step.r1_all, step.r2_all, step.batch
+    r1_gated, G = r1[r1 < tau], len(r2)  # (Σ G,) in r2's order: both in rank order, then row order
     out = {"charts/r1": r1.mean().item(), "charts/r2": r2.mean().item() if G else float("nan"),
-           "charts/r1_gated": r1[gated].mean().item() if G else float("nan"), "stats/gate_fraction": G / len(r1),
+           "charts/r1_gated": r1_gated.mean().item() if G else float("nan"), "stats/gate_fraction": G / len(r1),
            "stats/memory_size": float(memory_size), "stats/memory_added": float(sum(step.stored)),
-           "stats/retry_improved": float((r2 > r1[gated]).float().mean()) if G else float("nan")}
+           "stats/retry_improved": float((r2 > r1_gated).float().mean()) if G else float("nan")}
     tokens, part, prompt_tokens = batch["completion_mask"].sum(1), batch["erl_part"], batch["prompt_mask"].sum(1)
     for name, code in PARTS.items():
         trained = (part == code) & (tokens > 0)

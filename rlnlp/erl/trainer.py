@@ -9,9 +9,12 @@ from collections import defaultdict
 from typing import Callable
 
 import torch
+from accelerate.utils import DistributedType, gather
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 
+from ..distributed import (GradientsAveragedByHand, gather_counts, gather_in_rank_order, global_sum, own_rows,
+                           process_rows, unpad_blocks)
 from ..models import resolve_policy
 from ..sampling import sample
 from .config import PARTS, ROW_KEYS, ERLConfig
@@ -51,7 +54,7 @@ class PhaseClock:
         return out
 
 
-class TimedGRPOTrainer(PhaseClock, PackedForward, GRPOTrainer):
+class TimedGRPOTrainer(PhaseClock, GradientsAveragedByHand, PackedForward, GRPOTrainer):
     """TRL's ``GRPOTrainer`` that records ``phase_seconds`` (the baseline of notebook 05 and the benchmark).
 
     ``packed_forward=False`` (default): TRL's own forward, i.e. exactly ``GRPOTrainer``. True: the packed forward
@@ -137,44 +140,77 @@ class ERLLoss:
             batch = self._erl_batch(generation_batch)
             with self._clock("assemble"):
                 self._buffered_inputs = [select_rows(batch, rows) for rows in deal_rows(batch["erl_part"], spg)]
+                self._count_rows_everywhere(self._buffered_inputs)
         return self._buffered_inputs[self._step % spg]
+
+    def _count_rows_everywhere(self, micro_batches: list[dict]) -> None:
+        """Each micro-batch's ``erl_rows``: every process's rows per part in it (internalization: rows with a loss
+        token). TRL's loss gathers per-row metrics across processes, so for each TRL call every process must take
+        part, with as many rows as the others: the loss pads to the most rows any process has."""
+        local = torch.tensor([_rows_per_part(mb["erl_part"], mb["completion_mask"]) for mb in micro_batches],
+                             device=self.accelerator.device)  # (micro-batches, 4)
+        everyone = gather(local.unsqueeze(0))  # (P, micro-batches, 4)
+        for m, mb in enumerate(micro_batches):
+            mb["erl_rows"] = tuple(tuple(n) for n in everyone[:, m].tolist())
 
     def _compute_loss(self, model, inputs):
         if "erl_part" not in inputs:
             return super()._compute_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
-        part, tokens = inputs["erl_part"], inputs["completion_mask"].sum(1)
+        part, tokens, acc = inputs["erl_part"], inputs["completion_mask"].sum(1), self.accelerator
+        per_process = inputs.get("erl_rows") or [_rows_per_part(part, inputs["completion_mask"])]
+
+        def most(codes) -> int:  # the most rows of these parts any process has in this micro-batch
+            return max(sum(n[c] for c in codes) for n in per_process)
+
         if self.args.algorithm == "joint":
-            calls = [("grpo", part <= 2, inputs["num_items_in_batch"])]
+            calls = [("grpo", part <= 2, inputs["num_items_in_batch"], most((0, 1, 2)))]
         else:
-            calls = [("grpo_y1", part == 0, inputs["erl_items_y1"]),
-                     ("grpo_reflection_retry", (part == 1) | (part == 2), inputs["erl_items_rest"])]
+            calls = [("grpo_y1", part == 0, inputs["erl_items_y1"], most((0,))),
+                     ("grpo_reflection_retry", (part == 1) | (part == 2), inputs["erl_items_rest"], most((1, 2)))]
         total = None
-        # phase 6: the GRPO loss, one TRL call per term
-        for name, rows, items in calls:
-            if not rows.any():
+        # phase 6: the GRPO loss, one TRL call per term that has rows on any process; each process passes as many
+        # rows (TRL gathers per-row metrics): its own, then copies of its first row with every token masked out
+        for name, rows, items, width in calls:
+            if not width:
                 continue
-            sub = {k: v for k, v in select_rows(inputs, rows).items() if not k.startswith("erl_")}
+            own = rows.nonzero().flatten()
+            sub = {k: v for k, v in select_rows(inputs, torch.cat([own, own.new_zeros(width - len(own))])).items()
+                   if not k.startswith("erl_")}
+            sub["completion_mask"][len(own):] = 0
             sub["num_items_in_batch"] = items
             loss = super()._compute_loss(model, sub)
-            self._metrics[mode][f"losses/{name}"].append(loss.item())
+            self._metrics[mode][f"losses/{name}"].append(acc.gather(loss.detach()).mean().item())
             total = loss if total is None else total + loss
-        # phase 7: internalization, normalised by the generation batch's internalized tokens (TRL's dapo convention
-        # for micro-batches: × accumulation steps / steps_per_generation in training)
+        # phase 7: internalization, normalised by the generation batch's internalized tokens over all processes (TRL's
+        # dapo convention: ÷ processes, whose gradients are averaged; for micro-batches × accumulation steps /
+        # steps_per_generation in training)
         rows = (part == PARTS["internalization"]) & (tokens > 0)  # mask_truncated_completions may empty a row
-        if rows.any():
-            normalizer = inputs["erl_items_int"].clamp(min=1).float()
+        if most((3,)):
+            normalizer = inputs["erl_items_int"].clamp(min=1).float() / acc.num_processes
             if mode == "train":
                 normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            loss, stats = internalization_loss(model, inputs["prompt_ids"][rows], inputs["prompt_mask"][rows],
-                                               inputs["completion_ids"][rows], inputs["completion_mask"][rows], normalizer)
-            self._metrics[mode]["losses/internalization"].append(stats["losses/internalization"])
-            loss = self.args.internalization_coef * loss
-            total = loss if total is None else total + loss
+            ce_tokens = torch.zeros(2, device=part.device)  # (Σ cross-entropy, tokens) over this process's rows
+            if rows.any():
+                loss, stats = internalization_loss(model, inputs["prompt_ids"][rows], inputs["prompt_mask"][rows],
+                                                   inputs["completion_ids"][rows], inputs["completion_mask"][rows],
+                                                   normalizer)
+                k = stats["stats/internalized_tokens"]
+                ce_tokens += torch.tensor([stats["losses/internalization"] * k, k], device=part.device)
+                loss = self.args.internalization_coef * loss
+                total = loss if total is None else total + loss
+            ce, k = global_sum(acc, ce_tokens).tolist()
+            self._metrics[mode]["losses/internalization"].append(ce / max(k, 1))
         return total
 
 
-class ERLTrainer(ERLLoss, ScaffoldSampler, PhaseClock, PackedForward, GRPOTrainer):
+def _rows_per_part(part: torch.Tensor, completion_mask: torch.Tensor) -> list[int]:
+    """Rows of y1, Δ and y2, and internalization rows with ≥ 1 loss token."""
+    internalized = (part == PARTS["internalization"]) & (completion_mask.sum(1) > 0)
+    return [int((part == code).sum()) for code in range(3)] + [int(internalized.sum())]
+
+
+class ERLTrainer(ERLLoss, ScaffoldSampler, PhaseClock, GradientsAveragedByHand, PackedForward, GRPOTrainer):
     """``GRPOTrainer`` plus reflection, retry, memory and internalization. ``feedback_func`` may be None.
 
     ``model``: a model id, a local path or a model object; None = the embedded SmolLM2 folder.
@@ -208,8 +244,10 @@ class ERLTrainer(ERLLoss, ScaffoldSampler, PhaseClock, PackedForward, GRPOTraine
                 raise NotImplementedError(f"ERLTrainer supports single-turn prompts; {name}= is not supported")
         self._sampler_options = sampler_options(args)
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
-        if self.accelerator.num_processes > 1:
-            raise NotImplementedError("ERLTrainer runs in a single process (r2 and the memory are not gathered)")
+        if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise NotImplementedError("ERLTrainer runs in one process or under DDP (accelerate's multi_gpu, or "
+                                      "torchrun): reflections and retries are sampled from the unwrapped policy, which "
+                                      "DeepSpeed ZeRO-3 and FSDP shard, and neither was tested with it")
         self._clock_init()
         self.packed_forward = packed_forward
         self.feedback_func = feedback_func
@@ -226,6 +264,10 @@ class ERLTrainer(ERLLoss, ScaffoldSampler, PhaseClock, PackedForward, GRPOTraine
             if self.args.enable_reflection:
                 self._reflect(step)
             self._retry(step)
+        elif max(step.gated_counts):  # other processes retried: join their reward gather and memory update
+            self._score_retries(step, [], [], [], [], filler=(step.inputs[0], step.prompts[0], step.completions[0],
+                                                              step.y1_ids[0]))
+        if max(step.gated_counts):
             self._remember(step)
         with self._clock("assemble"):
             step.batch = self._assemble(step)
@@ -253,12 +295,14 @@ class ERLTrainer(ERLLoss, ScaffoldSampler, PhaseClock, PackedForward, GRPOTraine
             raise NotImplementedError(f"ERLTrainer supports text prompts without tools or vLLM importance sampling; "
                                       f"the y1 batch carried {sorted(unknown)}")
         scored_inputs, prompts, completions, y1_ids, rewards_per_func = scored[-1]
-        r1 = self._weighted_reward(rewards_per_func).to(y1["advantages"].device)  # (B,)
+        # TRL gathers every process's rewards (a group may span processes); the texts are this process's rows
+        r1_all = self._weighted_reward(rewards_per_func).to(y1["advantages"].device)  # (P·B,) in rank order
+        r1 = r1_all[process_rows(self.accelerator, len(prompts))]  # (B,) this process's rows
         eos_and_pad = {*self.eos_token_ids, self._tokenizer.pad_token_id}
         with self._clock("scoring"):
             feedback = self._feedback(scored_inputs, prompts, completions, y1_ids,
                                       [bool(ids) and ids[-1] not in eos_and_pad for ids in y1_ids])
-        return ERLStep(scored_inputs, prompts, completions, y1_ids, y1, r1, feedback)
+        return ERLStep(scored_inputs, prompts, completions, y1_ids, y1, r1, feedback, r1_all=r1_all)
 
     def _weighted_reward(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
         return (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)  # (N,)
@@ -278,6 +322,7 @@ class ERLTrainer(ERLLoss, ScaffoldSampler, PhaseClock, PackedForward, GRPOTraine
         """Samples with r1 < τ go on to reflection and retry; the rest are done."""
         step.gated = (step.r1 < self.args.reward_threshold).nonzero().flatten().tolist()
         step.tasks = [last_user_text(step.prompts[i]) for i in step.gated]
+        step.gated_counts = gather_counts(self.accelerator, len(step.gated))
 
     # --- phases 3 and 4: all reflections in one sampler call, then all retries in one, from the task and Δ only
     def _reflect(self, step: ERLStep) -> None:
@@ -308,32 +353,55 @@ class ERLTrainer(ERLLoss, ScaffoldSampler, PhaseClock, PackedForward, GRPOTraine
             y2 = [[{"role": "assistant", "content": c}] if conversational else c for c in retries.texts]
             y2_ids = [ids[:n].tolist() for ids, n in zip(retries.completion_ids, retries.lengths.tolist())]  # unpadded
             inputs, prompts = [step.inputs[i] for i in step.gated], [step.prompts[i] for i in step.gated]
-            step.r2 = self._weighted_reward(self._calculate_rewards(inputs, prompts, y2, y2_ids)).to(step.r1.device)
+            self._score_retries(step, inputs, prompts, y2, y2_ids)
             step.feedback2 = self._feedback(inputs, prompts, y2, y2_ids, [not s for s in retries.stopped])
+
+    def _score_retries(self, step: ERLStep, inputs, prompts, y2, y2_ids, filler=None) -> None:
+        """r2 of this process's retries (``step.r2``) and of every process's in rank order (``step.r2_all``).
+
+        TRL's reward call gathers across processes, which needs as many rows on every process: each scores
+        max(G) rows, its own retries followed by copies of ``filler`` (a scored row), whose rewards are dropped.
+        In one process there is no filler and this is the reward call itself."""
+        pad = max(step.gated_counts) - len(prompts)
+        if pad:
+            filler = filler or (inputs[0], prompts[0], y2[0], y2_ids[0])
+            inputs, prompts, y2, y2_ids = (list(x) + [f] * pad for x, f in zip((inputs, prompts, y2, y2_ids), filler))
+        gathered = self._weighted_reward(self._calculate_rewards(inputs, prompts, y2, y2_ids))  # (P·max G,)
+        step.r2_all = unpad_blocks(gathered.to(step.r1.device), step.gated_counts)
+        step.r2 = step.r2_all[own_rows(self.accelerator, step.gated_counts)]
 
     # --- phase 5: memory, and phase 7's choice of retries
     def _remember(self, step: ERLStep) -> None:
+        """Each row decides from its own r1 and r2; every process then appends every process's new entries (and
+        examples) in rank order, so the memory is the same on all of them."""
         args = self.args
         reflections = step.reflections.texts if step.reflections is not None else [""] * len(step.gated)
+        entries, examples = [], []
         for j, i in enumerate(step.gated):
             a, b = step.r1[i].item(), step.r2[j].item()
             ok = args.enable_memory and step.reflections is not None and should_store(a, b, args.memory_add_threshold)
             step.stored.append(ok)
             if ok:
-                self.memory.add(reflections[j].strip(), step.tasks[j], a, b, self.state.global_step)
+                entries.append((reflections[j].strip(), step.tasks[j], a, b, self.state.global_step))
             step.internalize.append(args.enable_internalization and args.internalization_coef > 0
                                     and should_internalize(a, b, args.internalization_rule, args.reward_threshold))
-            self.examples.append({"step": self.state.global_step, "prompt": step.tasks[j],
-                                  "y1": completion_text(step.completions[i]), "r1": a, "feedback": step.feedback[i],
-                                  "reflection": reflections[j], "y2": step.retries.texts[j], "r2": b,
-                                  "feedback2": step.feedback2[j], "stored": ok, "internalized": step.internalize[-1]})
+            examples.append({"step": self.state.global_step, "prompt": step.tasks[j],
+                             "y1": completion_text(step.completions[i]), "r1": a, "feedback": step.feedback[i],
+                             "reflection": reflections[j], "y2": step.retries.texts[j], "r2": b,
+                             "feedback2": step.feedback2[j], "stored": ok, "internalized": step.internalize[-1]})
+        for entry in gather_in_rank_order(self.accelerator, entries):
+            self.memory.add(*entry)
+        self.examples.extend(gather_in_rank_order(self.accelerator, examples))
 
     # --- assemble: phase 6's advantages and every part's rows in one batch
     def _assemble(self, step: ERLStep) -> dict:
-        args, y1, r1 = self.args, step.y1, step.r1
-        a1, a_reflect, a_retry = erl_advantages(r1, step.r2, args.algorithm, y1["advantages"],
-                                                scale=args.scale_rewards != "none",
-                                                reflection=step.reflections is not None)
+        args, y1, r1, acc = self.args, step.y1, step.r1, self.accelerator
+        # over every process's rows (joint: one batch-wide normalisation), then this process's share; whether Δ rows
+        # exist is the config's, not this process's (a process without gated rows has none)
+        a1, a_reflect, a_retry = erl_advantages(step.r1_all, step.r2_all, args.algorithm, gather(y1["advantages"]),
+                                                scale=args.scale_rewards != "none", reflection=args.enable_reflection)
+        a1, mine = a1[process_rows(acc, len(r1))], own_rows(acc, step.gated_counts)
+        a_reflect, a_retry = a_reflect[mine], a_retry[mine]
         parts = [{**{k: y1[k] for k in ROW_KEYS if k in y1}, "advantages": a1,
                   "erl_part": torch.full((len(r1),), PARTS["y1"], dtype=torch.long, device=r1.device)}]
         if step.gated:
@@ -343,8 +411,17 @@ class ERLTrainer(ERLLoss, ScaffoldSampler, PhaseClock, PackedForward, GRPOTraine
             internalized = internalization_rows(step, parts[-1])
             if internalized is not None:
                 parts.append(internalized)
-        return stack_parts(parts, self._tokenizer.pad_token_id)
+        batch = stack_parts(parts, self._tokenizer.pad_token_id)
+        # the loss normalisers count every process's tokens, as TRL's own num_items_in_batch does
+        keys = ("num_items_in_batch", "erl_items_y1", "erl_items_rest", "erl_items_int")
+        batch.update(zip(keys, global_sum(acc, torch.stack([batch[k] for k in keys]))))
+        return batch
 
     def _log(self, step: ERLStep) -> None:
-        for key, value in step_metrics(step, len(self.memory)).items():
+        metrics = step_metrics(step, len(self.memory), self.args.reward_threshold)
+        counts = [k for k in metrics if k == "stats/memory_added" or k.startswith(("stats/rows_", "stats/tokens_",
+                                                                                  "stats/prompt_tokens_"))]
+        totals = global_sum(self.accelerator, torch.tensor([metrics[k] for k in counts], device=step.r1.device))
+        metrics.update(zip(counts, totals.tolist()))  # summed over processes
+        for key, value in metrics.items():
             self._metrics["train"][key].append(value)

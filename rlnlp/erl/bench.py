@@ -2,7 +2,6 @@
 and notebook 05's comparison at other seeds (``python -m rlnlp.bench erl-seeds``)."""
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 from collections import defaultdict
@@ -12,6 +11,7 @@ from typing import Sequence
 import torch
 from transformers import TrainerCallback
 
+from ..cli import Parser, nonneg_int, positive_int
 from .config import ERLConfig
 from .experiments import METHODS, evaluate, grpo_at_erl_budget, make_trainer, train_run
 
@@ -55,34 +55,26 @@ def bench_step(cfg: ERLConfig, method: str, steps: int = 1) -> list[dict]:
     return clock.steps
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    """argparse with a one-line error (exit status 2) instead of the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: {message} (usage: {self.prog} --help)\n")
-
-
 def bench_main(argv: Sequence[str] | None = None) -> int:
     """``python -m rlnlp.bench erl``: time ERL and plain GRPO steps at the same config in one process and print
     the ratios and the per-phase breakdown. All start from the same weights and seed, so their first attempts (y1)
     are identical. "grpo-trl" is TRL's GRPOTrainer as it ships; "grpo" the same with ERL's packed forward (the
     notebook's baseline). A warm-up step of each runs first unless ``--no-warmup``; with ``--rounds`` the methods run
     in reverse order every other round (the first trainer of a process ran up to 1.6× slower in earlier runs)."""
-    parser = _OneLineErrors(prog="python -m rlnlp.bench erl", description=bench_main.__doc__)
+    parser = Parser(prog="python -m rlnlp.bench erl", description=bench_main.__doc__)
     parser.add_argument("--profile", default="smoke", choices=("smoke", "cpu", "full"), help="ERLConfig preset")
-    parser.add_argument("--steps", type=int, default=1, help="timed steps per method (after the warm-up)")
+    parser.add_argument("--steps", type=positive_int, default=1, help="timed steps per method (after the warm-up)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up step of each method")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=positive_int, default=1,
                         help="run every method this many times, interleaved; the ratio is printed per round and over all")
     parser.add_argument("--algorithm", choices=("joint", "split"), default=None)
-    parser.add_argument("--lora-r", type=int, default=None, help="override the preset's LoRA rank (0 = full fine-tuning)")
+    parser.add_argument("--lora-r", type=nonneg_int, default=None,
+                        help="override the preset's LoRA rank (0 = full fine-tuning)")
     parser.add_argument("--methods", default="grpo-trl,grpo,erl", help="comma-separated subset of " + ",".join(METHODS))
     args = parser.parse_args(list(argv) if argv is not None else None)
     methods = [m for m in args.methods.split(",") if m]
     if not methods or set(methods) - set(METHODS):
         parser.error(f"--methods: choose from {METHODS}")
-    if args.steps < 1 or args.rounds < 1:
-        parser.error("--steps and --rounds must be ≥ 1")
     overrides = {}
     if args.algorithm:
         overrides["algorithm"] = args.algorithm
@@ -135,8 +127,8 @@ def seeds_main(argv: Sequence[str] | None = None) -> int:
     from ..models import load_policy
     from ..stats import paired_difference
 
-    parser = _OneLineErrors(prog="python -m rlnlp.bench erl-seeds", description=seeds_main.__doc__)
-    parser.add_argument("--seeds", type=int, nargs="+", required=True, help="one or more integer seeds")
+    parser = Parser(prog="python -m rlnlp.bench erl-seeds", description=seeds_main.__doc__)
+    parser.add_argument("--seeds", type=nonneg_int, nargs="+", required=True, help="one or more seeds (integers ≥ 0)")
     parser.add_argument("--profile", default="cpu", choices=("smoke", "cpu", "full"), help="ERLConfig preset")
     parser.add_argument("--jsonl", default=None, help="append one JSON line per seed to this file")
     args = parser.parse_args(list(argv) if argv is not None else None)

@@ -19,9 +19,27 @@ import torch
 
 import rlnlp.archer as archer
 import rlnlp.archer.training as archer_training
-from rlnlp.archer import (ArcherConfig, Critic, DoubleCritic, ReplayBuffer, Transition, act, actor_step,
-                          archer_actor_steps, critic_phase, episode_advantages, evaluate, hard_update, main,
-                          polyak_update, q_targets, train_archer, train_baseline, v_target, with_task)
+from rlnlp.archer import (
+    ArcherConfig,
+    Critic,
+    DoubleCritic,
+    ReplayBuffer,
+    Transition,
+    act,
+    actor_step,
+    archer_actor_steps,
+    critic_phase,
+    episode_advantages,
+    evaluate,
+    hard_update,
+    main,
+    polyak_update,
+    q_targets,
+    train_archer,
+    train_baseline,
+    v_target,
+    with_task,
+)
 from rlnlp.envs.recurve import RecurveEnv, TaskFileError, TaskFunctionError, load_task
 from rlnlp.envs.twenty_questions import Oracle, TwentyQuestions, score_paraphrases, strip_negation
 

@@ -50,7 +50,6 @@ from .analysis import (
 )
 from .cli import main
 from .compare import load_study, plot_study, run_study, save_study, summarize
-from .credit import episode_browser, plot_turn_credit, turn_credit
 from .config import (
                        ALGOS,
                        TASKS,
@@ -61,17 +60,18 @@ from .config import (
                        archer_actor_steps,
                        with_task,
 )
+from .credit import episode_browser, plot_turn_credit, turn_credit
 from .critic import Critic, DoubleCritic, critic_phase, hard_update, mlp, polyak_update, q_targets, v_target
 from .envs import check_dataset, env_factory, make_env, resolve_dataset
 from .games import GAMES, game_options
 from .runs import Run, load_checkpoint, read_run, save_checkpoint
 from .training import setup, train, train_archer, train_baseline
 
-__all__ = ["ALGOS", "GAMES", "TASKS", "TWENTY_QUESTIONS_VARIANTS", "ArcherConfig", "Collector", "Critic", "DoubleCritic",
-           "ReplayBuffer", "Run", "RunFolderError", "Transition", "UsageError", "Utterances", "act", "actor_step",
-           "archer_actor_steps", "candidate_values", "check_dataset", "critic_phase", "ended_episodes",
+__all__ = ["ALGOS", "GAMES", "TASKS", "TWENTY_QUESTIONS_VARIANTS", "ArcherConfig", "Collector", "Critic",
+           "DoubleCritic", "ReplayBuffer", "Run", "RunFolderError", "Transition", "UsageError", "Utterances", "act",
+           "actor_step", "archer_actor_steps", "candidate_values", "check_dataset", "critic_phase", "ended_episodes",
            "env_factory", "episode_advantages", "episode_browser", "game_options", "load_study", "plot_study",
-           "plot_turn_credit", "run_study", "save_study", "summarize", "turn_credit", "evaluate", "hard_update", "load_checkpoint", "main", "make_env",
-           "mlp", "play", "plot_returns", "policy_step", "polyak_update", "q_targets", "read_run", "resolve_dataset",
-           "return_curve", "sample_efficiency", "samples_to_return", "save_checkpoint", "setup", "train",
-           "train_archer", "train_baseline", "v_target", "with_task"]
+           "plot_turn_credit", "run_study", "save_study", "summarize", "turn_credit", "evaluate", "hard_update",
+           "load_checkpoint", "main", "make_env", "mlp", "play", "plot_returns", "policy_step", "polyak_update",
+           "q_targets", "read_run", "resolve_dataset", "return_curve", "sample_efficiency", "samples_to_return",
+           "save_checkpoint", "setup", "train", "train_archer", "train_baseline", "v_target", "with_task"]

@@ -97,7 +97,8 @@ class ArcherConfig:
     """Subtract the batch mean from ArCHer's advantages before the actor step. With a critic still fitting,
     min Q − min V carries a shared offset; uncentred, a negative offset pushes every sampled utterance down and
     moves probability to utterances never sampled (measured on guess_number: replies without a number rose from
-    22% to 83% in 20 actor steps). Centred, only the ranking of the fresh utterances at their states counts."""
+    22% to 83% in 20 actor steps). Centred, only the ranking of the fresh utterances at their states counts (on
+    guess_number centring alone did not make ArCHer learn: 0.055 → 0.023 success at 256 env samples, one seed)."""
     actor_loss: Literal["reinforce", "ppo"] = "reinforce"
     """"reinforce" (ArCHer) or "ppo" (recurve's variant: PPO-clip on the same utterance advantage)."""
     actor_lr: float = 3e-4

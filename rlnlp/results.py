@@ -139,8 +139,20 @@ def finding_line(r: dict) -> str:
     arrow = "higher is better" if r.get("higher_is_better", True) else "lower is better"
     verdict = VERDICTS.get(r.get("verdict", "no"), r.get("verdict", ""))
     return (f"- {r['task']} — {r['metric']} ({arrow}): {r['method']} **{r['value']:.3g}** vs {r['baseline']} "
-            f"{r['baseline_value']:.3g}; difference {_signed(r['difference'])} [{_signed(r['low'])}, {_signed(r['high'])}] "
-            f"({r.get('interval', '')} {round(100 * r.get('confidence', 0.95))}%, {r['n']} {units(r['unit'], r['n'])}) → {verdict}")
+            f"{r['baseline_value']:.3g}; difference {_signed(r['difference'])} "
+            f"[{_signed(r['low'])}, {_signed(r['high'])}] "
+            f"({r.get('interval', '')} {round(100 * r.get('confidence', 0.95))}%, "
+            f"{r['n']} {units(r['unit'], r['n'])}) → {verdict}")
+
+
+def verdict_in_words(row: dict | None) -> str:
+    """A results row's difference, interval and n, with its verdict in words ("not recorded" for None)."""
+    if row is None:
+        return "not recorded"
+    words = {"yes": "better (interval above 0)", "worse": "worse (interval below 0)",
+             "no": "no detectable difference (the interval straddles 0)",
+             "—": "reference row (nothing trained)"}.get(row.get("verdict", "no"), row.get("verdict", ""))
+    return f"{row['difference']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}], n = {row['n']}: {words}"
 
 
 def findings(notebook: str, profiles: tuple[str, ...] | list[str] | None = None) -> Findings:

@@ -47,6 +47,7 @@ from .analysis import (
                        return_curve,
                        sample_efficiency,
                        samples_to_return,
+                       scripted_play,
 )
 from .cli import main
 from .compare import load_study, plot_study, run_study, save_study, summarize

@@ -2,6 +2,8 @@
 curves over environment samples and samples-to-target."""
 from __future__ import annotations
 
+import random
+
 import numpy as np
 
 from .. import plots
@@ -29,6 +31,24 @@ def evaluate(model, tokenizer, cfg: ArcherConfig, episodes: int | None = None, s
     success = np.array([float(bool(ep.infos[-1].get("success"))) if ep.infos else 0.0 for ep in eps])
     return {"success": success, "returns": returns, "success_rate": float(success.mean()),
             "mean_return": float(returns.mean()), "episodes": len(eps), "starts": starts, "trajectories": eps}
+
+
+def scripted_play(make, policy_name: str, episodes: int, seed: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
+    """Success and return of one of a game's scripted policies (``env.bisect()``, ``env.eliminate()``, or a random
+    one that takes an ``rng``: ``random_new``, ``random_valid``, ``random_consistent``) on the evaluation
+    episodes ``reset(seed + i)`` — the same secrets every policy meets. Returns (success, return) per episode."""
+    success, returns = [], []
+    for i in range(episodes):
+        env, rng = make(), random.Random(i)
+        env.reset(seed + i)
+        done, total, info = False, 0.0, {}
+        while not done:
+            move = getattr(env, policy_name)
+            _, r, done, info = env.step(move() if policy_name in ("bisect", "eliminate") else move(rng))
+            total += r
+        success.append(float(info["success"]))
+        returns.append(total)
+    return np.array(success), np.array(returns)
 
 
 def candidate_values(run: Run, episode: Episode, k: int = 4, seed: int = 0) -> dict:

@@ -177,7 +177,9 @@ def test_maze_dynamics_and_text():
 
 
 def test_next_move_token_finds_the_route_word():
-    tokens = FakeEncoder().token_strings("You are inside a maze. To escape you must go: Up, Left, Up. You have made 1 move.")
+    tokens = FakeEncoder().token_strings(
+        "You are inside a maze. To escape you must go: Up, Left, Up. You have made 1 move."
+    )
     assert tokens[A.next_move_token(tokens, ["Up", "Down", "Left", "Right"], 1)] == "left"
     assert A.next_move_token(tokens, ["Up", "Down", "Left", "Right"], 2) == tokens.index("up", tokens.index("left"))
 
@@ -192,11 +194,15 @@ def test_training_learns_a_length_one_maze():
     result = A.evaluate_units(A.agent_policy(run.best, enc), task, task.eval_sets["training routes"])
     assert result["success"].mean() == 1.0, result  # exact: every training route
     assert enc.forward_passes <= 4 * 2  # 4 routes × (start text, end text): the cache did its job
-    assert len(run.episodes) == run.tracker.df["charts/episodes"].sum() and run.episodes["env_steps"].is_monotonic_increasing
+    assert (
+        len(run.episodes) == run.tracker.df["charts/episodes"].sum()
+        and run.episodes["env_steps"].is_monotonic_increasing
+    )
 
 
 def test_capped_grid_episodes_bootstrap_from_the_last_state():
-    """An episode cut by the step cap is not terminal: its last reward becomes r + γ·V(s_last); a goal is not bootstrapped."""
+    """An episode cut by the step cap is not terminal: its last reward becomes r + γ·V(s_last);
+    a goal is not bootstrapped."""
     torch.manual_seed(0)
     cfg = small_cfg(grid_max_steps=1, num_envs=8, num_steps=3)
     task = A.grid_task(cfg)
@@ -231,7 +237,9 @@ def _clip_probe(clip: float):
     adv = 50.0 * torch.where(torch.arange(B) % 2 == 0, 1.0, -1.0)
     with torch.no_grad():
         old = agent.dist(emb, mask).log_prob(actions)
-    A.ppo_update(agent, A.make_optimizers(agent, cfg), emb, mask, actions, old, adv, torch.zeros(B), torch.zeros(B), cfg)
+    A.ppo_update(
+        agent, A.make_optimizers(agent, cfg), emb, mask, actions, old, adv, torch.zeros(B), torch.zeros(B), cfg
+    )
     with torch.no_grad():
         ratio = (agent.dist(emb, mask).log_prob(actions) - old).exp()
     return ratio[adv > 0].median().item(), ratio[adv < 0].median().item()
@@ -287,7 +295,10 @@ def test_training_loop_normalises_over_the_whole_rollout_and_stops_at_the_kl_tar
     df = free.tracker.df
     per_update = cfg.epochs * (cfg.num_envs * cfg.num_steps // cfg.minibatch_size)
     assert (df["stats/actor_steps"] == per_update).all() and (df["stats/critic_steps"] == per_update).all()
-    assert np.allclose(df["stats/advantage_mean"], 0, atol=1e-5) and np.allclose(df["stats/advantage_std"], 1, atol=1e-4)
+    assert (
+        np.allclose(df["stats/advantage_mean"], 0, atol=1e-5)
+        and np.allclose(df["stats/advantage_std"], 1, atol=1e-4)
+    )
 
     tight, _, _ = _short_grid_run(target_kl=1e-9)
     df = tight.tracker.df
@@ -332,9 +343,14 @@ def test_lr_is_annealed_and_the_best_policy_is_kept_by_the_greedy_pass():
     scores = list(zip(run.evals["start states/success"][1:], run.evals["start states/return"][1:]))
     assert run.best_update == [1, 3][max(range(2), key=lambda i: (scores[i], i))]
     # the kept policy is the one that scored: re-evaluating it gives the same exact numbers
-    again = A.evaluate_units(A.agent_policy(run.best, enc), A.grid_task(cfg), A.grid_task(cfg).eval_sets["start states"])
+    again = A.evaluate_units(
+        A.agent_policy(run.best, enc), A.grid_task(cfg), A.grid_task(cfg).eval_sets["start states"]
+    )
     best_row = run.evals[run.evals["update"] == run.best_update].iloc[0]
-    assert again["success"].mean() == best_row["start states/success"] and again["return"].mean() == pytest.approx(best_row["start states/return"])
+    assert (
+        again["success"].mean() == best_row["start states/success"]
+        and again["return"].mean() == pytest.approx(best_row["start states/return"])
+    )
 
 
 # ---- exact evaluation and the route split ----

@@ -344,8 +344,14 @@ def test_oracle_on_the_shipped_table(table_oracle):
     assert table_oracle.answer("Does it have wheels?", dog)[1]["kind"] == "unknown"
     assert table_oracle.answer("Is it a dog?", dog)[1]["correct"]
     # category questions come from the table's categories
-    assert table_oracle.answer("Is it an animal?", dog)[0] == "Yes." and table_oracle.answer("Is it an animal?", car)[0] == "No."
-    assert table_oracle.answer("Is it alive?", tree)[0] == "Yes." and table_oracle.answer("Is it alive?", car)[0] == "No."
+    assert (
+        table_oracle.answer("Is it an animal?", dog)[0] == "Yes."
+        and table_oracle.answer("Is it an animal?", car)[0] == "No."
+    )
+    assert (
+        table_oracle.answer("Is it alive?", tree)[0] == "Yes."
+        and table_oracle.answer("Is it alive?", car)[0] == "No."
+    )
     assert table_oracle.answer("Is it a vehicle?", car)[1]["kind"] == "category"
     # negations: "not" flips the answer; "isn't it ..." asks the positive question
     assert table_oracle.answer("Is it not made by people?", dog)[0] == "Yes."
@@ -365,8 +371,9 @@ def test_strip_negation():
 
 
 def test_oracle_scores_on_the_hand_written_paraphrases(table_oracle):
-    """The bar the oracle must clear: accuracy ≥ 0.9, wrong answers ≤ 0.02, off-table questions confidently answered ≤ 0.1,
-    every category question of the test set answered; on paraphrases written apart from the oracle's bank."""
+    """The bar the oracle must clear: accuracy ≥ 0.9, wrong answers ≤ 0.02,
+    off-table questions confidently answered ≤ 0.1, every category question of the test set answered;
+    on paraphrases written apart from the oracle's bank."""
     from rlnlp.envs.twenty_questions import load_paraphrases
 
     rows = load_paraphrases()
@@ -450,7 +457,10 @@ def test_evaluation_replays_the_same_episodes(policy, encoder):
     a = evaluate(model, tok, cfg, encoder=encoder)
     b = evaluate(model, tok, cfg, encoder=encoder)
     c = evaluate(model, tok, cfg, encoder=encoder, seed=123)
-    assert a["starts"] == b["starts"] and [e.actions for e in a["trajectories"]] == [e.actions for e in b["trajectories"]]
+    assert (
+        a["starts"] == b["starts"]
+        and [e.actions for e in a["trajectories"]] == [e.actions for e in b["trajectories"]]
+    )
     assert a["starts"] != c["starts"]
     import random
 
@@ -577,7 +587,7 @@ def test_baseline_matches_archer_on_samples_and_gradient_steps(kind, encoder):
     assert row["charts/grad_steps"] == 3 and row["charts/env_steps"] == 8
 
 
-# ---- the command line -------------------------------------------------------------------------------------------------
+# ---- the command line ------------------------------------------------------------------------------------------------
 
 BROKEN = [
     ("missing key", lambda s: s.replace('main_prompt: "You are a helpful assistant."\n', ""), "main_prompt"),
@@ -606,7 +616,9 @@ def test_cli_user_mistakes_are_one_line(tmp_path, capsys):
     run = tmp_path / "a_run"
     (run / "checkpoints" / "latest" / "actor").mkdir(parents=True)
     (run / "run.json").write_text('{"algo": "archer", "config": {}}')
-    cases.append((["eval", "--exp-path", str(run), "--chkpt-label", "best"], "no checkpoint 'best' (checkpoints here: latest)"))
+    cases.append(
+        (["eval", "--exp-path", str(run), "--chkpt-label", "best"], "no checkpoint 'best' (checkpoints here: latest)")
+    )
     for argv, words in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
@@ -618,7 +630,9 @@ def test_cli_entry_point_prints_no_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rlnlp.archer", "train", "--dataset", str(path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert [line for line in out.stderr.splitlines() if line.startswith("python -m rlnlp.archer:")] == [out.stderr.strip()], out.stderr
+    assert [line for line in out.stderr.splitlines() if line.startswith("python -m rlnlp.archer:")] == [
+        out.stderr.strip()
+    ], out.stderr
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -687,15 +701,20 @@ def test_kill_and_resume_continues_exactly(tmp_path, encoder):
     keep = [c for c in b.columns if not c.startswith("time/")]
     assert len(a) == len(b)
     differ = [c for c in keep if not np.allclose(a[c].to_numpy(float), b[c].to_numpy(float), atol=1e-5, equal_nan=True)]
-    assert not differ, {c: [(i, x, y) for i, (x, y) in enumerate(zip(a[c], b[c])) if not np.isclose(x, y, atol=1e-5, equal_nan=True)][:3]
-                        for c in differ}
+    assert not differ, {
+        c: [
+            (i, x, y) for i, (x, y) in enumerate(zip(a[c], b[c])) if not np.isclose(x, y, atol=1e-5, equal_nan=True)
+        ][:3]
+        for c in differ
+    }
 
 
-# ---- the full preset's shapes -------------------------------------------------------------------------------------------
+# ---- the full preset's shapes ----------------------------------------------------------------------------------------
 
 @pytest.mark.full_dryrun
 def test_full_preset_runs_one_iteration_with_its_shapes(encoder):
-    """ArCHer and both baselines, one iteration / round each, with the full preset's batch sizes and caps, on the CPU."""
+    """ArCHer and both baselines, one iteration / round each, with the full preset's batch sizes and caps,
+    on the CPU."""
     for task in ("capital_choice", "twenty_questions_6"):
         cfg = with_task(ArcherConfig.full(), task)
         one = dict(env_steps=cfg.num_envs, warmup_iters=0)

@@ -17,15 +17,30 @@ import rlnlp.erl as erl
 import rlnlp.erl.step as erl_step
 import rlnlp.erl.trainer as erl_trainer
 from rlnlp.envs import feedback_tasks as ft
-from rlnlp.erl import (ERLConfig, ERLTrainer, deal_rows, erl_advantages, internalization_labels, internalization_loss,
-                       pack_rows, prefix_tree_pack, select_rows, should_internalize, should_store, trim_padding)
+from rlnlp.erl import (
+    ERLConfig,
+    ERLTrainer,
+    deal_rows,
+    erl_advantages,
+    internalization_labels,
+    internalization_loss,
+    pack_rows,
+    prefix_tree_pack,
+    select_rows,
+    should_internalize,
+    should_store,
+    trim_padding,
+)
 from rlnlp.models import completion_logprobs, masked_mean
 
 # ---------------------------------------------------------------- feedback tasks (no model)
 
 
 def test_feedback_tasks_score_and_explain():
-    assert ft.score("word_count", "Cats sleep all day long.", {"n": 5}) == (1.0, "Correct: your sentence had exactly 5 words.")
+    assert ft.score("word_count", "Cats sleep all day long.", {"n": 5}) == (
+        1.0,
+        "Correct: your sentence had exactly 5 words.",
+    )
     r, f = ft.score("word_count", "Cats sleep a lot during the day.", {"n": 5})
     assert r == pytest.approx(1 - 2 / 5) and f == "Your sentence had 7 words; it needs exactly 5."
     assert ft.score("arithmetic", "The answer is 13.", {"answer": 12}) == (0.0, "Your answer 13 is too high.")
@@ -50,7 +65,9 @@ def test_feedback_says_when_an_answer_was_cut_off():
     assert r == 0.0 and f.startswith(ft.CUT_OFF) and ft.score("json_key", cut, spec)[1] in f
     assert ft.score("json_key", '{"animal": "goat"}', spec, truncated=True)[1].startswith("Correct")  # right is right
     completions = [[{"role": "assistant", "content": cut}]] * 2
-    out = ft.feedback_func(None, completions, task=["json_key"] * 2, spec=[json.dumps(spec)] * 2, truncated=[True, False])
+    out = ft.feedback_func(
+        None, completions, task=["json_key"] * 2, spec=[json.dumps(spec)] * 2, truncated=[True, False]
+    )
     assert out[0].startswith(ft.CUT_OFF) and not out[1].startswith(ft.CUT_OFF)
 
 
@@ -104,10 +121,18 @@ def test_internalization_rules():
 
 def test_similarity_retrieval_prefers_related_prompts(encoder):
     mem = erl.ReflectionMemory(size=10, retrieval="similarity", encoder=encoder)
-    mem.add("Output braces and quote the key.", 'Reply with a JSON object whose key "city" has the value "Rome".', 0.0, 1.0, 0)
+    mem.add(
+        "Output braces and quote the key.",
+        'Reply with a JSON object whose key "city" has the value "Rome".',
+        0.0,
+        1.0,
+        0,
+    )
     mem.add("Walk down first, the hole is on the right.", "You stand on a frozen lake, a 4x4 grid.", 0.0, 1.0, 1)
     mem.add("Count the words before answering.", "Write one sentence about tea that has exactly 4 words.", 0.0, 1.0, 2)
-    assert mem.retrieve('Reply with a JSON object whose key "fruit" has the value "kiwi".', 1) == ["Output braces and quote the key."]
+    assert mem.retrieve('Reply with a JSON object whose key "fruit" has the value "kiwi".', 1) == [
+        "Output braces and quote the key."
+    ]
 
 
 def test_advantages_joint_and_split_match_hand_computation():
@@ -164,7 +189,8 @@ def test_erl_fields_carry_help_and_check_themselves():
     for bad, words in [(dict(memory_size=-1), "ERLConfig.memory_size must be an integer ≥ 0, got -1"),
                        (dict(memory_retrieval="random"), "ERLConfig.memory_retrieval must be one of 'recency', "),
                        (dict(reward_threshold=float("nan")), "ERLConfig.reward_threshold must be a finite number"),
-                       (dict(reflection_max_new_tokens=0), "ERLConfig.reflection_max_new_tokens must be an integer ≥ 1"),
+                       (dict(reflection_max_new_tokens=0),
+                        "ERLConfig.reflection_max_new_tokens must be an integer ≥ 1"),
                        (dict(tasks=[]), "ERLConfig.tasks must name at least one feedback task")]:
         with pytest.raises(ValueError, match=re.escape(words)):
             ERLConfig(**bad, **kw)
@@ -186,9 +212,12 @@ def test_rows_are_dealt_evenly_and_padding_trimmed():
         counts = [int((part[c] == code).sum()) for c in chunks]
         assert max(counts) - min(counts) <= 1 and sum(counts) == n
     assert abs(len(chunks[0]) - len(chunks[1])) <= 1
-    batch = {"prompt_ids": torch.tensor([[0, 0, 5, 6], [0, 0, 0, 7]]), "prompt_mask": torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]]),
-             "completion_ids": torch.tensor([[8, 9, 0], [8, 0, 0]]), "completion_mask": torch.tensor([[1, 1, 0], [1, 0, 0]]),
-             "old_per_token_logps": torch.ones(2, 3), "advantages": torch.ones(2), "num_items_in_batch": torch.tensor(3)}
+    batch = {"prompt_ids": torch.tensor([[0, 0, 5, 6], [0, 0, 0, 7]]),
+             "prompt_mask": torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]]),
+             "completion_ids": torch.tensor([[8, 9, 0], [8, 0, 0]]),
+             "completion_mask": torch.tensor([[1, 1, 0], [1, 0, 0]]),
+             "old_per_token_logps": torch.ones(2, 3), "advantages": torch.ones(2),
+             "num_items_in_batch": torch.tensor(3)}
     t = trim_padding(batch)
     assert t["prompt_ids"].tolist() == [[5, 6], [0, 7]] and t["completion_ids"].tolist() == [[8, 9], [8, 0]]
     assert t["old_per_token_logps"].shape == (2, 2) and t["num_items_in_batch"] == 3
@@ -205,7 +234,9 @@ def test_internalization_masks_prompt_matches_hand_computation_and_ignores_layou
     assert labels[0, 6] == -100 and torch.equal(labels[1, 4:], completion_ids[1])
     with torch.no_grad():
         loss, stats = internalization_loss(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
-        hand = -masked_mean(completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask), completion_mask)
+        hand = -masked_mean(
+            completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask), completion_mask
+        )
         # with the generation batch's token count as the normaliser, micro-batches of any layout add up to the whole
         parts = [internalization_loss(model, prompt_ids[i : i + 1], prompt_mask[i : i + 1], completion_ids[i : i + 1],
                                       completion_mask[i : i + 1], normalizer=5)[0] for i in range(2)]
@@ -234,8 +265,8 @@ class ScriptedReward:
 
 def _config(tmp, **kw):
     base = dict(output_dir=str(tmp), per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
-                reflection_max_new_tokens=6, max_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
-                seed=0, reflection_stop_at_newline=False)
+                reflection_max_new_tokens=6, max_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+                bf16=False, seed=0, reflection_stop_at_newline=False)
     return ERLConfig(**{**base, **kw})
 
 
@@ -246,7 +277,8 @@ def base_trainer(tmp_path_factory):
 
     model, tok = load_policy(device="cpu", dtype=torch.float32)
     reward = ScriptedReward()
-    t = ERLTrainer(model=model, reward_funcs=reward, args=_config(tmp_path_factory.mktemp("erl"), reflection_temperature=0.3),
+    t = ERLTrainer(model=model, reward_funcs=reward,
+                   args=_config(tmp_path_factory.mktemp("erl"), reflection_temperature=0.3),
                    train_dataset=ft.load_split("train", "arithmetic", limit=8), processing_class=tok,
                    feedback_func=ft.feedback_func)
     t.scripted = reward
@@ -408,7 +440,11 @@ def test_plain_text_dataset_on_a_model_without_chat_template(trainer, monkeypatc
     finally:
         tok.chat_template = template
     reflect, retry = calls[0][0][0], calls[1][0][0]
-    assert "<|im_start|>" not in reflect + retry and "Q: What is 2 + 3?" in reflect and retry.startswith("Q: What is 2 + 3?")
+    assert (
+        "<|im_start|>" not in reflect + retry
+        and "Q: What is 2 + 3?" in reflect
+        and retry.startswith("Q: What is 2 + 3?")
+    )
     assert isinstance(trainer.examples[0]["y2"], str) and (batch["erl_part"] == 2).sum() == 1
 
 
@@ -577,14 +613,16 @@ def test_tiny_train_with_iterations_beta_steps_per_generation_and_peft(tmp_path)
 
     model, tok = load_policy(device="cpu", dtype=torch.float32)
     cfg = _config(tmp_path, per_device_train_batch_size=2, num_generations=2, num_iterations=2, beta=0.04,
-                  steps_per_generation=2, max_steps=3, learning_rate=1e-3, logging_steps=1, internalization_rule="positive")
+                  steps_per_generation=2, max_steps=3, learning_rate=1e-3, logging_steps=1,
+                  internalization_rule="positive")
     seen = []
 
     def reward(prompts, completions, completion_ids, **kw):  # alternating rewards: every group has variance
         seen.append(len(completions))
         return [float(i % 2) for i in range(len(completions))]
 
-    t = ERLTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=ft.load_split("train", "arithmetic", limit=8),
+    t = ERLTrainer(model=model, reward_funcs=reward, args=cfg,
+                   train_dataset=ft.load_split("train", "arithmetic", limit=8),
                    processing_class=tok, feedback_func=ft.feedback_func,
                    peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     lora = {n: p.detach().clone() for n, p in t.model.named_parameters() if "lora_B" in n}

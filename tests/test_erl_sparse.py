@@ -21,7 +21,10 @@ def test_lake3_feedback_names_step_move_and_cell():
     grid = ["FSF", "FHF", "GFF"]  # S at row 1 column 2, a hole below it, G at row 3 column 1
     assert ft.score("lake3", "left, down, down", {"grid": grid}) == (1.0, "Correct: you reached the goal in 3 moves.")
     # mutation: starting the walk at the top-left corner (not at S) → "down" lands at row 2 column 1, no hole → fails
-    assert ft.score("lake3", "down", {"grid": grid}) == (0.0, "Step 1, down: you fell into the hole at row 2, column 2.")
+    assert ft.score("lake3", "down", {"grid": grid}) == (
+        0.0,
+        "Step 1, down: you fell into the hole at row 2, column 2.",
+    )
     assert ft.score("lake3", "up", {"grid": grid})[1] == "Step 1, up: you walked off the map from row 1, column 2."
     assert ft.score("lake3", "left, down", {"grid": grid}) == (
         0.0, "Your 2 moves stopped at row 2, column 1; the goal is at row 3, column 1.")
@@ -35,7 +38,10 @@ def test_guess_once_and_json_pair_are_binary_and_explain():
     pairs = {"pairs": [["color", "blue"], ["city", "Oslo"]]}
     assert ft.score("json_pair", '{"color": "blue", "city": "oslo"}', pairs)[0] == 1.0
     # binary: one right pair earns nothing (json_key's 0.5 would give GRPO groups a variance the task lacks)
-    assert ft.score("json_pair", '{"color": "blue"}', pairs) == (0.0, "Your JSON has no key \"city\"; it has ['color'].")
+    assert ft.score("json_pair", '{"color": "blue"}', pairs) == (
+        0.0,
+        "Your JSON has no key \"city\"; it has ['color'].",
+    )
     assert ft.score("json_pair", '{"color": "red", "city": "Oslo"}', pairs)[1] == \
         'Your key "color" has the value "red"; it must be "blue".'
 
@@ -60,7 +66,8 @@ def test_generated_lakes_are_solvable_from_their_start():
 
 def test_adding_families_keeps_the_first_five_rows():
     """The candidates are drawn after the first five families, so notebook 05's committed json_key results keep their
-    prompts. Mutation: putting a candidate before frozen_lake in TASKS shifts the generator → the first split differs."""
+    prompts. Mutation: putting a candidate before frozen_lake in TASKS shifts the generator
+    → the first split differs."""
     first = ft.generate(seed=0, tasks=ft.TASKS[:5])
     everything = ft.generate(seed=0)
     for split in ("train", "eval"):

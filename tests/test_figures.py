@@ -32,9 +32,10 @@ def test_profile_label_never_covers_axis_or_tick_labels(tmp_path, monkeypatch):
     monkeypatch.setenv("RLNLP_VIS", str(tmp_path))
     figs = [
         plots.bars([f"{i}→{j}→{k}" for i, j, k in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))],
-                   np.linspace(0.3, 1.0, 6), ylabel="episode reward", xlabel="order (key positions; red = document order)",
-                   baselines={"random order": 0.69}),
-        plots.bars([f"token {i}" for i in range(26)], np.linspace(0, 0.06, 26), ylabel="weight", baselines={"uniform": 1 / 26}),
+                   np.linspace(0.3, 1.0, 6), ylabel="episode reward",
+                   xlabel="order (key positions; red = document order)", baselines={"random order": 0.69}),
+        plots.bars([f"token {i}" for i in range(26)], np.linspace(0, 0.06, 26), ylabel="weight",
+                   baselines={"uniform": 1 / 26}),
         plots.curves(pd.DataFrame({"step": range(5), "charts/return": range(5)}), "step", "charts/return",
                      xlabel="environment steps"),
         plots.heatmaps([np.eye(4), np.eye(4)], ["a", "b"], suptitle="two panels", xlabel="x", ylabel="y"),
@@ -57,7 +58,9 @@ def test_legends_read_as_words_not_column_names():
 
 def test_breaks_mark_each_new_round_and_logy_is_log():
     # fails if _breaks draws nothing or draws a line per row (3 rounds -> exactly 2 changes)
-    df = pd.DataFrame({"step": range(9), "round": [0, 0, 0, 1, 1, 1, 2, 2, 2], "losses/critic": np.geomspace(1, 1e-3, 9)})
+    df = pd.DataFrame(
+        {"step": range(9), "round": [0, 0, 0, 1, 1, 1, 2, 2, 2], "losses/critic": np.geomspace(1, 1e-3, 9)}
+    )
     fig = plots.curves(df, "step", "losses/critic", breaks="round", logy=True)
     ax = fig.axes[0]
     vertical = [ln for ln in ax.get_lines() if len(set(ln.get_xdata())) == 1]
@@ -68,7 +71,8 @@ def test_breaks_mark_each_new_round_and_logy_is_log():
 
 def test_differences_draws_each_interval_coloured_by_its_verdict():
     # fails if the interval's ends are not the error bar's ends, or a straddling interval is coloured as a win
-    ivs = {"trained − random": Interval(0.09, 0.07, 0.12, 100), "trained − document": Interval(-0.03, -0.05, -0.006, 100),
+    ivs = {"trained − random": Interval(0.09, 0.07, 0.12, 100),
+           "trained − document": Interval(-0.03, -0.05, -0.006, 100),
            "untrained − random": Interval(0.01, -0.02, 0.04, 100)}
     fig = plots.differences(ivs, xlabel="nats/token")
     ax = fig.axes[0]

@@ -31,8 +31,8 @@ def walkthrough(game):
 
 
 def test_rewards_are_score_deltas_and_the_walkthrough_wins(simple_game):
-    """tw-simple dense pays at several steps. Mutation this test must fail under: reward = the running score instead of its
-    change (the rewards then sum past max_score)."""
+    """tw-simple dense pays at several steps. Mutation this test must fail under:
+    reward = the running score instead of its change (the rewards then sum past max_score)."""
     env = tw.TextWorldEnv([simple_game], max_steps=100)
     obs = env.reset(0)
     assert isinstance(obs, str) and obs and env.info["score"] == 0 and env.info["admissible_commands"]
@@ -50,7 +50,8 @@ def test_rewards_are_score_deltas_and_the_walkthrough_wins(simple_game):
 
 
 def test_step_cap_truncates_and_a_finished_episode_refuses_steps(coin_game):
-    """Mutation this test must fail under: `truncated = not game_over and self.moves > self.max_steps` (one step too many)."""
+    """Mutation this test must fail under: `truncated = not game_over and self.moves > self.max_steps`
+    (one step too many)."""
     env = tw.TextWorldEnv([coin_game], max_steps=3)
     env.reset(0)
     dones = [env.step("look")[2] for _ in range(3)]
@@ -61,7 +62,8 @@ def test_step_cap_truncates_and_a_finished_episode_refuses_steps(coin_game):
 
 
 def test_held_out_games_are_disjoint_from_training_games():
-    """Mutation this test must fail under: held-out seeds starting at 0 (`held_out_from=0`) — the same games in both sets."""
+    """Mutation this test must fail under: held-out seeds starting at 0 (`held_out_from=0`)
+    — the same games in both sets."""
     train, held = tw.split_games(COIN, 3, 3)
     assert len(train) == len(held) == 3
     assert not set(train) & set(held)
@@ -71,8 +73,8 @@ def test_held_out_games_are_disjoint_from_training_games():
 
 
 def test_a_game_given_as_a_file_outside_the_cache_plays(tmp_path, coin_game):
-    """A user's own game file (here a copy elsewhere): played by its path. Mutation this test must fail under: reset(game=path)
-    looking the path up among the env's games."""
+    """A user's own game file (here a copy elsewhere): played by its path.
+    Mutation this test must fail under: reset(game=path) looking the path up among the env's games."""
     mine = tmp_path / "mine.z8"
     shutil.copy(coin_game, mine)
     shutil.copy(coin_game.with_suffix(".json"), mine.with_suffix(".json"))
@@ -86,7 +88,8 @@ def test_a_game_given_as_a_file_outside_the_cache_plays(tmp_path, coin_game):
 
 
 def test_bad_game_files_are_one_line_naming_the_file(tmp_path, coin_game, capsys):
-    """Mutations this test must fail under: dropping the .json check (the missing-.json case then loads without commands) and
+    """Mutations this test must fail under: dropping the .json check
+    (the missing-.json case then loads without commands) and
     dropping the Z-machine header check (the interpreter then ends the whole test process: "Fatal error: Unknown
     Z-code version")."""
     missing = tmp_path / "nowhere.z8"
@@ -133,7 +136,8 @@ def test_unknown_family_or_setting_is_one_line():
 
 
 def test_without_textworld_every_entry_point_says_so_in_one_line(monkeypatch, coin_game):
-    """Mutation this test must fail under: TextWorldEnv importing textworld without require_textworld (no error at all here)."""
+    """Mutation this test must fail under: TextWorldEnv importing textworld without require_textworld
+    (no error at all here)."""
     monkeypatch.setattr(tw, "AVAILABLE", False)
     for call in (lambda: tw.TextWorldEnv([coin_game]), lambda: COIN.parsed_settings()):
         with pytest.raises(tw.TextWorldMissing) as err:
@@ -178,7 +182,8 @@ def tiny_cfg(**kw):
 
 
 STATES = [(("Last command: go south.", "A kitchen. Exits east and north."), ("go east", "go north", "look")),
-          (("Start of the game.", "A dim cellar. An exit to the west.", "You carry nothing."), ("go west", "inventory"))]
+          (("Start of the game.", "A dim cellar. An exit to the west.", "You carry nothing."),
+           ("go west", "inventory"))]
 
 
 def test_command_scores_have_menu_shapes_and_padding_gets_no_probability():
@@ -205,7 +210,8 @@ def test_command_scores_have_menu_shapes_and_padding_gets_no_probability():
 
 def test_ppo_on_menu_states_moves_command_probabilities_with_the_advantage_sign():
     """alectors' own ppo_update trains the menu agent. Mutation this test must fail under: the scorer
-    ignoring the command (`torch.cat([s, s * 0, s * 0])`: one logit for the whole menu, no command can rise over another)."""
+    ignoring the command (`torch.cat([s, s * 0, s * 0])`: one logit for the whole menu,
+    no command can rise over another)."""
     from rlnlp.alectors import MenuAlector, make_optimizers, ppo_update, read_states
 
     torch.manual_seed(0)
@@ -224,11 +230,14 @@ def test_ppo_on_menu_states_moves_command_probabilities_with_the_advantage_sign(
 
 
 def test_state_fields_carry_the_last_command_and_skip_a_repeated_room():
-    """Mutation this test must fail under: dropping the last-command field (the reader then cannot tell forward from back)."""
-    info = {"last_command": "go east", "description": "-= Attic =- Exits west and north.", "inventory": "You carry nothing.",
-            "objective": "Find the coin."}
+    """Mutation this test must fail under: dropping the last-command field
+    (the reader then cannot tell forward from back)."""
+    info = {"last_command": "go east", "description": "-= Attic =- Exits west and north.",
+            "inventory": "You carry nothing.", "objective": "Find the coin."}
     fields = tw.state_fields("-= Attic =- Exits west and north.", info)
-    assert fields == ("Last command: go east.", "-= Attic =- Exits west and north.", "You carry nothing.", "Find the coin.")
+    assert fields == (
+        "Last command: go east.", "-= Attic =- Exits west and north.", "You carry nothing.", "Find the coin."
+    )
     assert tw.state_fields("You carry nothing.", {**info, "last_command": "inventory"})[1:3] == (
         "You carry nothing.", "-= Attic =- Exits west and north.")
 

@@ -47,7 +47,8 @@ def test_findings_renders_every_row_with_its_interval_and_verdict(monkeypatch):
 
 
 def test_findings_shows_this_run_then_the_cpu_rows(monkeypatch):
-    # a smoke run shows its own rows, then the committed cpu rows the notebook's text reads; fails if either block is lost
+    # a smoke run shows its own rows, then the committed cpu rows the notebook's text reads;
+    # fails if either block is lost
     monkeypatch.setenv("RLNLP_PROFILE", "cpu")
     _add(results.Results("03_unit"), stats.Interval(0.1, 0.05, 0.2, 100), method="cpu method")
     monkeypatch.setenv("RLNLP_PROFILE", "smoke")
@@ -58,7 +59,9 @@ def test_findings_shows_this_run_then_the_cpu_rows(monkeypatch):
     assert "no results recorded" in results.findings("never_ran", ["cpu"])
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "visualizations" / "results" / "cpu").glob("*.json")), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "visualizations" / "results" / "cpu").glob("*.json")), ids=lambda p: p.stem
+)
 def test_committed_cpu_rows_render_one_bullet_each(path, monkeypatch):
     monkeypatch.setenv("RLNLP_VIS", str(ROOT / "visualizations"))
     rows = json.loads(path.read_text())
@@ -89,6 +92,8 @@ def test_each_system_notebook_ends_with_what_we_found(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_every_linked_figure_exists(path):
     # fails if a notebook links a committed figure that is not in the repository (a renamed figure, a typo)
-    links = [link for m in _sources(path, "markdown") for link in re.findall(r"\]\((\.\./visualizations/[^)\s]+\.png)\)", m)]
+    links = [
+        link for m in _sources(path, "markdown") for link in re.findall(r"\]\((\.\./visualizations/[^)\s]+\.png)\)", m)
+    ]
     missing = [link for link in links if not (path.parent / link).resolve().is_file()]
     assert not missing, missing

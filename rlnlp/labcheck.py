@@ -45,7 +45,8 @@ LAB_SETTINGS = {
     # render every cell (JupyterLab 4 renders only the visible ones by default), so figures can be counted
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": '{"windowingMode": "none"}',
     # no "get notified about Jupyter news?" toast over the screenshots
-    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": '{"fetchNews": "false", "checkForUpdates": false}',
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings":
+        '{"fetchNews": "false", "checkForUpdates": false}',
 }
 
 
@@ -92,7 +93,8 @@ def start_lab(root: Path, port: int, token: str, log: Path) -> subprocess.Popen:
                JUPYTER_RUNTIME_DIR=str(root / ".jupyter-runtime"), JUPYTERLAB_SETTINGS_DIR=str(settings))
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
            f"--ServerApp.root_dir={root}", f"--IdentityProvider.token={token}",
-           f"--LabApp.workspaces_dir={root / '.workspaces'}", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+           f"--LabApp.workspaces_dir={root / '.workspaces'}", "--LabApp.news_url=",
+           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers often run as root
         cmd.append("--allow-root")
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -139,7 +141,8 @@ def open_notebook(drv, base: str, name: str, token: str, timeout: float = 120) -
 
     drv.get(f"{base}/lab/tree/notebooks/{name}?token={token}")
     WebDriverWait(drv, timeout).until(lambda d: _count(d, ".jp-Notebook .jp-Cell") > 0)
-    WebDriverWait(drv, timeout).until(lambda d: "Idle" in _page_text(d) or _count(d, ".jp-Notebook-ExecutionIndicator[data-status='idle']"))
+    WebDriverWait(drv, timeout).until(
+        lambda d: "Idle" in _page_text(d) or _count(d, ".jp-Notebook-ExecutionIndicator[data-status='idle']"))
     time.sleep(2)  # markdown and images render after the cells exist
 
 
@@ -187,7 +190,8 @@ def linked_figures(drv, wait: float = 20) -> tuple[int, list[str]]:
         if not imgs and time.time() < deadline - wait / 2:  # markdown may still be rendering
             time.sleep(1)
             continue
-        state = [(img.get_attribute("src") or "", drv.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img))
+        state = [(img.get_attribute("src") or "",
+                  drv.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img))
                  for img in imgs]
         broken = [src.rsplit("/", 1)[-1] for src, width in state if not width]
         if not broken or time.time() > deadline:
@@ -245,7 +249,8 @@ def check(out: Path, timeout: int, notebooks: list[str] | None = None) -> int:
                 run_all(drv, timeout)
                 images = _count(drv, ".jp-OutputArea-output img")
                 widgets = _count(drv, ".jp-OutputArea-output .jupyter-widgets")
-                print(f"{name}: ran every cell in {time.time() - t0:.0f} s; {images} figures, {widgets} widget views", flush=True)
+                print(f"{name}: ran every cell in {time.time() - t0:.0f} s; {images} figures, {widgets} widget views",
+                      flush=True)
                 if images < 3:
                     failures.append(f"{name}: {images} figures rendered, expected at least 3")
                 if widgets < 1:
@@ -287,8 +292,10 @@ def check(out: Path, timeout: int, notebooks: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m rlnlp.labcheck", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "lab-check", help="where screenshots and the lab log go")
-    parser.add_argument("--timeout", type=positive_int, default=900, help="seconds the tour may take to run (default 900)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "lab-check",
+                        help="where screenshots and the lab log go")
+    parser.add_argument("--timeout", type=positive_int, default=900,
+                        help="seconds the tour may take to run (default 900)")
     parser.add_argument("notebooks", nargs="*", help="notebook file names (default: every notebook)")
     args = parser.parse_args(argv)
     for name in args.notebooks:

@@ -145,7 +145,8 @@ def heatmap(matrix, *, title: str = "", xlabel: str = "", ylabel: str = "", xtic
     if yticklabels is None and m.shape[0] <= 20:
         yticklabels = list(range(m.shape[0]))
     if xticklabels is not None:
-        ax.set_xticks(range(len(xticklabels)), xticklabels, rotation=45 if max(map(len, map(str, xticklabels))) > 3 else 0, ha="right", fontsize=8)
+        ax.set_xticks(range(len(xticklabels)), xticklabels,
+                      rotation=45 if max(map(len, map(str, xticklabels))) > 3 else 0, ha="right", fontsize=8)
     if yticklabels is not None:
         ax.set_yticks(range(len(yticklabels)), yticklabels, fontsize=8)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
@@ -189,7 +190,8 @@ def bars(labels: Sequence[str], values: Sequence[float], *, errors: Sequence[flo
          baselines: Mapping[str, float] | None = None, title: str = "", ylabel: str = "", xlabel: str = "",
          ax=None, horizontal: bool = False, color=None):
     """Bar chart with optional error bars (e.g. 95% intervals) and labelled reference lines."""
-    fig, ax = _axes(ax, figsize=(max(4.5, 0.45 * len(labels) + 2), 3.8) if not horizontal else (6, max(3, 0.3 * len(labels) + 1)))
+    fig, ax = _axes(ax, figsize=(max(4.5, 0.45 * len(labels) + 2), 3.8) if not horizontal
+                    else (6, max(3, 0.3 * len(labels) + 1)))
     pos = np.arange(len(labels))
     if horizontal:
         ax.barh(pos, values, xerr=errors, color=color, capsize=3)
@@ -235,7 +237,8 @@ def differences(intervals: Mapping[str, object], *, title: str = "", xlabel: str
     return fig
 
 
-def token_weights(tokens: Sequence[str], weights: Sequence[float], *, title: str = "", highlight: Sequence[int] = (), ax=None):
+def token_weights(tokens: Sequence[str], weights: Sequence[float], *, title: str = "", highlight: Sequence[int] = (),
+                  ax=None):
     """Weights over the tokens of one text (e.g. attention pooling): a bar per token, highlighted ones in red."""
     w = np.asarray(weights, float)
     colors = ["tab:red" if i in set(highlight) else "tab:blue" for i in range(len(tokens))]

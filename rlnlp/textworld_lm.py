@@ -73,7 +73,8 @@ class LMPolicyConfig:
 
     @classmethod
     def cpu(cls) -> "LMPolicyConfig":
-        """The defaults: a small budget (2 updates of 4 episodes, 6 held-out games); ~4 minutes on a shared 2-core CPU estimated from the measured 0.5 s per decision, not run end to end."""
+        """The defaults: a small budget (2 updates of 4 episodes, 6 held-out games); ~4 minutes on a shared 2-core
+        CPU estimated from the measured 0.5 s per decision, not run end to end."""
         return cls()
 
     @classmethod
@@ -116,11 +117,13 @@ def menu_logprobs(model, tokenizer, prompts: Sequence[str], menus: Sequence[Sequ
     out = []
     for start in range(0, len(prompts), state_batch):
         chunk_prompts, chunk_menus = prompts[start : start + state_batch], menus[start : start + state_batch]
-        prompt_ids, prompt_mask = _left_pad([tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk_prompts], pad, dev)
-        first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
-                      use_cache=True, logits_to_keep=1)
+        prompt_ids, prompt_mask = _left_pad(
+            [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk_prompts], pad, dev)
+        first = model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                      position_ids=position_ids_from_mask(prompt_mask), use_cache=True, logits_to_keep=1)
         next_token = torch.log_softmax(first.logits[:, -1].float(), dim=-1)  # (S, V)
-        rows = [(i, tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for i, menu in enumerate(chunk_menus) for c in menu]
+        rows = [(i, tokenizer(" " + c, add_special_tokens=False)["input_ids"])
+                for i, menu in enumerate(chunk_menus) for c in menu]
         owner = torch.tensor([i for i, _ in rows], device=dev)  # (R,) row → its state
         C = max(len(ids) for _, ids in rows)
         cmd = torch.tensor([ids + [pad] * (C - len(ids)) for _, ids in rows], device=dev)  # (R, C) right-padded
@@ -131,7 +134,8 @@ def menu_logprobs(model, tokenizer, prompts: Sequence[str], menus: Sequence[Sequ
         if C > 1:
             mask = torch.cat([prompt_mask[owner], cmd_mask], dim=1)  # (R, P + C)
             positions = prompt_mask[owner].sum(1, keepdim=True) + torch.arange(C, device=dev)  # after each prompt
-            rest = model(input_ids=cmd, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=False)
+            rest = model(input_ids=cmd, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=False)
             rest_logp = torch.log_softmax(rest.logits[:, :-1].float(), dim=-1).gather(-1, cmd[:, 1:, None]).squeeze(-1)
             token_logp = torch.cat([token_logp, rest_logp], dim=1)  # (R, C)
         scores = (token_logp * cmd_mask).sum(-1)  # (R,) log p(c | s)
@@ -150,7 +154,8 @@ def lm_policy(model, tokenizer, cfg: LMPolicyConfig, greedy: bool = False, seed:
     def policy(observations, infos, episode):
         logps = menu_logprobs(model, tokenizer, [prompt_text(o, i) for o, i in zip(observations, infos)],
                               [i["admissible_commands"] for i in infos], cfg.state_batch, cfg.temperature)
-        picks = [int(lp.argmax()) if greedy else int(torch.multinomial(lp.exp().cpu(), 1, generator=gen)) for lp in logps]
+        picks = [int(lp.argmax()) if greedy else int(torch.multinomial(lp.exp().cpu(), 1, generator=gen))
+                 for lp in logps]
         return [i["admissible_commands"][a] for i, a in zip(infos, picks)]
 
     return policy
@@ -200,7 +205,8 @@ def train(model, tokenizer, cfg: LMPolicyConfig, games: Sequence, run_name: str 
         for env in envs:
             env.close()
         # returns G_t per episode (no bootstrap at the cap), advantages normalised over the whole batch
-        G = torch.cat([discounted_returns(torch.tensor([s[3] for s in ep]), torch.zeros(len(ep)), cfg.gamma) for ep in trace])
+        G = torch.cat([discounted_returns(torch.tensor([s[3] for s in ep]), torch.zeros(len(ep)), cfg.gamma)
+                       for ep in trace])
         steps = [s for ep in trace for s in ep]
         advantages = normalize(G) if G.std() > 0 else torch.zeros_like(G)
         stats = {"losses/policy": 0.0}

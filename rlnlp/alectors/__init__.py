@@ -8,7 +8,16 @@
 Every public name of ``core`` is importable from ``rlnlp.alectors``; the TextWorld names with a distinct
 meaning are re-exported too (its ``train``, ``collect`` … are reached as ``rlnlp.alectors.textworld.train``).
 """
-from . import core, textworld
+from . import core as core
+from . import textworld as textworld
 from .core import *  # noqa: F401,F403 — the fixed-menu agent's public names, as before the package split
-from .textworld import (CommandScorer, MenuAlector, MenuRun, MenuStates, TextWorldConfig, read_states,  # noqa: F401
-                        textworld_games, transcript)
+from .textworld import (  # noqa: F401
+    CommandScorer,
+    MenuAlector,
+    MenuRun,
+    MenuStates,
+    TextWorldConfig,
+    read_states,
+    textworld_games,
+    transcript,
+)

@@ -42,7 +42,7 @@ from ..losses import normalize, ppo_clip_loss, value_loss
 from ..models import TextEncoder
 from ..returns import gae
 from ..runtime import device as default_device
-from ..stats import Interval, bootstrap, spearman
+from ..stats import bootstrap, spearman
 from ..tracking import Tracker, progress
 
 
@@ -67,7 +67,8 @@ class AlectorsConfig:
 
     # ---- agent (actor and critic have the same shape, separate weights, as in the original)
     d_model: int = 64
-    """Width of the agent's transformer blocks (encoder outputs are projected down to it; the original ran at bert's 768)."""
+    """Width of the agent's transformer blocks (encoder outputs are projected down to it; the original ran at
+    bert's 768)."""
     n_heads: int = 4
     """Attention heads per block."""
     n_layers: int = 2
@@ -138,7 +139,8 @@ class AlectorsConfig:
     maze_moves: tuple[str, ...] = DEFAULT_MOVES
     """The maze's move vocabulary (also its action set)."""
     maze_held_out: float = 0.25
-    """Share of all routes never trained on (a fixed, seeded split): greedy success on them shows reading, not memory."""
+    """Share of all routes never trained on (a fixed, seeded split): greedy success on them shows reading, not
+    memory."""
     maze_split_seed: int = 0
     """Seed of the route split (fixed across profiles, so every run holds out the same routes)."""
     maze_updates: int = 100
@@ -219,7 +221,8 @@ def grid_task(cfg: AlectorsConfig) -> Task:
     p_random = success_probability(grid, lambda s: uniform)
     return Task(name="grid", make_env=lambda: make_grid(cfg), actions=list(grid.actions), success_key="reached_goal",
                 value_scale=grid.goal_reward, eval_sets={"start states": [{"state": s} for s in grid.start_states()]},
-                select_on="start states", random_success=lambda unit: float(p_random[unit["state"][2], unit["state"][1], unit["state"][0]]),
+                select_on="start states",
+                random_success=lambda unit: float(p_random[unit["state"][2], unit["state"][1], unit["state"][0]]),
                 truncated=lambda info: not info["reached_goal"])
 
 
@@ -269,7 +272,8 @@ class Reader(nn.Module):
         x = self.proj(emb)  # (B, T, d)
         if self.positions is not None:
             if x.shape[1] > self.positions.shape[0]:
-                raise ValueError(f"observation has {x.shape[1]} word pieces; raise AlectorsConfig.max_tokens ({self.positions.shape[0]})")
+                raise ValueError(f"observation has {x.shape[1]} word pieces; "
+                                 f"raise AlectorsConfig.max_tokens ({self.positions.shape[0]})")
             x = x + self.positions[: x.shape[1]]
         h = self.blocks(x, src_key_padding_mask=~mask)  # (B, T, d); padded keys are ignored
         pooled, weights = self.pool(h, mask)  # (B, d), (B, T)
@@ -324,7 +328,8 @@ class Rollout:
     dones: torch.Tensor  # (T, N)
     next_value: torch.Tensor  # (N,)
     episodes: list[dict] = field(default_factory=list)
-    """Episodes that ENDED in this rollout: {"t": step index, "return": undiscounted, reward units, "success", "length"}."""
+    """Episodes that ENDED in this rollout: {"t": step index, "return": undiscounted, reward units, "success",
+    "length"}."""
 
 
 def episode_counters(n: int) -> dict[str, np.ndarray]:
@@ -421,7 +426,8 @@ def ppo_update(agent: Alector, optimizers: tuple[torch.optim.Optimizer, torch.op
     emb (U, T, E), mask (U, T): the distinct states; index (B,) maps each sample to its state's row
     (None: one row per sample, U = B). They are only ever indexed by rows (``emb[rows], mask[rows]``) and
     handed to ``agent.actor`` and ``agent.scaled_value``, so an agent whose states are richer than token
-    embeddings passes its own row-indexable batch (the TextWorld agent: state tokens plus the command menu). actions, old_logp, advantages, returns, old_values (B,), values
+    embeddings passes its own row-indexable batch (the TextWorld agent: state tokens plus the command menu).
+    actions, old_logp, advantages, returns, old_values (B,), values
     in scaled units. optimizers: (actor's, critic's), see :func:`make_optimizers`. The advantages are
     used AS GIVEN (the training loop normalises them over the whole rollout).
 
@@ -451,9 +457,11 @@ def ppo_update(agent: Alector, optimizers: tuple[torch.optim.Optimizer, torch.op
             if actor_on:
                 dist = Categorical(logits=agent.actor(e, m)[0][inverse])
                 entropy = dist.entropy().mean()
-                policy_loss, p_stats = ppo_clip_loss(dist.log_prob(actions[idx]), old_logp[idx], advantages[idx], cfg.clip)
+                policy_loss, p_stats = ppo_clip_loss(dist.log_prob(actions[idx]), old_logp[idx], advantages[idx],
+                                                     cfg.clip)
                 if cfg.target_kl is not None:
-                    saved = ([p.detach().clone() for p in agent.actor.parameters()], copy.deepcopy(actor_opt.state_dict()))
+                    saved = ([p.detach().clone() for p in agent.actor.parameters()],
+                             copy.deepcopy(actor_opt.state_dict()))
                 actor_opt.zero_grad()
                 (policy_loss - cfg.ent_coef * entropy).backward()
                 nn.utils.clip_grad_norm_(agent.actor.parameters(), cfg.max_grad_norm)
@@ -464,8 +472,9 @@ def ppo_update(agent: Alector, optimizers: tuple[torch.optim.Optimizer, torch.op
                 if cfg.target_kl is not None:
                     kl, _ = rollout_kl(agent, emb, mask, rows, actions, old_logp, cfg.clip)
                     if kl > cfg.kl_limit * cfg.target_kl:  # overshot: shorten the step (backtracking line search)
-                        kl, kept = _backtrack(agent, saved[0], lambda: rollout_kl(agent, emb, mask, rows, actions, old_logp,
-                                                                                   cfg.clip)[0], cfg.kl_limit * cfg.target_kl)
+                        kl, kept = _backtrack(
+                            agent, saved[0], lambda: rollout_kl(agent, emb, mask, rows, actions, old_logp, cfg.clip)[0],
+                            cfg.kl_limit * cfg.target_kl)
                         if kept:
                             shortened += 1
                         else:  # even 1/64 of the step overshoots: take it back entirely, Adam state included
@@ -474,7 +483,8 @@ def ppo_update(agent: Alector, optimizers: tuple[torch.optim.Optimizer, torch.op
                     actor_on = kl <= cfg.target_kl and not (shortened or undone)
             elif not cfg.critic_full_epochs:
                 break
-            v_loss, v_stats = value_loss(agent.scaled_value(e, m)[inverse], returns[idx], old_values[idx], cfg.value_clip)
+            v_loss, v_stats = value_loss(agent.scaled_value(e, m)[inverse], returns[idx], old_values[idx],
+                                         cfg.value_clip)
             critic_opt.zero_grad()
             v_loss.backward()
             nn.utils.clip_grad_norm_(agent.critic.parameters(), cfg.max_grad_norm)
@@ -485,10 +495,12 @@ def ppo_update(agent: Alector, optimizers: tuple[torch.optim.Optimizer, torch.op
             break
     kl, clip_fraction = rollout_kl(agent, emb, mask, rows, actions, old_logp, cfg.clip)
     tried = actor_steps + undone
-    return {"losses/policy": sums["losses/policy"] / max(tried, 1), "losses/entropy": sums["losses/entropy"] / max(tried, 1),
+    return {"losses/policy": sums["losses/policy"] / max(tried, 1),
+            "losses/entropy": sums["losses/entropy"] / max(tried, 1),
             "losses/value": sums["losses/value"] / max(critic_steps, 1),
             "stats/approx_kl": kl, "stats/clip_fraction": clip_fraction, "stats/epochs": actor_steps / per_epoch,
-            "stats/actor_steps": actor_steps, "stats/actor_steps_shortened": shortened, "stats/actor_steps_undone": undone,
+            "stats/actor_steps": actor_steps, "stats/actor_steps_shortened": shortened,
+            "stats/actor_steps_undone": undone,
             "stats/critic_steps": critic_steps,
             "stats/advantage_mean": float(advantages.mean()), "stats/advantage_std": float(advantages.std())}
 
@@ -573,7 +585,8 @@ def _train(task, cfg, encoder, updates, agent, run_name, dev):
         steps += roll.actions.numel()
         row = {**stats, "charts/env_steps": steps, "charts/lr": lr, "charts/episodes": len(roll.episodes),
                "stats/distinct_states": len(distinct),
-               "stats/encoder_forward_passes": encoder.forward_passes - passes_before, "time/update_s": time.time() - start}
+               "stats/encoder_forward_passes": encoder.forward_passes - passes_before,
+               "time/update_s": time.time() - start}
         if roll.episodes:
             row["charts/episode_return"] = float(np.mean([e["return"] for e in roll.episodes]))
             row["charts/success_rate"] = float(np.mean([e["success"] for e in roll.episodes]))
@@ -650,7 +663,8 @@ def random_success(task: Task, units: list[dict]) -> np.ndarray:
 
 
 @torch.no_grad()
-def pooling_weights(agent: Alector, encoder: TextEncoder, text: str, net: str = "actor") -> tuple[list[str], np.ndarray]:
+def pooling_weights(agent: Alector, encoder: TextEncoder, text: str,
+                    net: str = "actor") -> tuple[list[str], np.ndarray]:
     """The word pieces of ``text`` and the ``net``'s ("actor" or "critic") attention-pooling weight on each."""
     if net not in ("actor", "critic"):
         raise ValueError(f"pooling_weights: net must be 'actor' or 'critic', got {net!r}")
@@ -693,7 +707,8 @@ def maze_reading(agent: Alector, encoder: TextEncoder, task: Task, states: int =
         w_other.append(w[others].mean() if others else np.nan)
         w_count.append(w[count])
     return {"argmax_on_next_move": float(np.mean(on_next)), "argmax_on_move_count": float(np.mean(on_count)),
-            "mean_weight_on_next_move": float(np.mean(w_next)), "mean_weight_on_other_moves": float(np.nanmean(w_other)),
+            "mean_weight_on_next_move": float(np.mean(w_next)),
+            "mean_weight_on_other_moves": float(np.nanmean(w_other)),
             "mean_weight_on_move_count": float(np.mean(w_count)), "states": states}
 
 

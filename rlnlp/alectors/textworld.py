@@ -11,7 +11,8 @@ actor scores every (state, command) pair and the policy is a softmax over the cu
 The state is read from its fields (``rlnlp.envs.textworld.state_fields``) — the last command, the
 game's answer to it, the room description (``look``), the inventory and optionally the objective —
 each encoded ONCE per distinct text and cached, then the fields' token embeddings are concatenated
-(rooms and inventories repeat across steps and episodes; most states cost no encoder call). The last command is part of the state because a
+(rooms and inventories repeat across steps and episodes; most states cost no encoder call). The last command is
+part of the state because a
 memoryless reader cannot otherwise tell the way forward from the way back.
 
 PPO, the critic, GAE, advantage normalisation and the KL target are alectors' own
@@ -22,10 +23,9 @@ by its maximum score, so every game's return lies in [0, 1] (its normalised scor
 from __future__ import annotations
 
 import copy
-import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -81,7 +81,8 @@ class TextWorldConfig(AlectorsConfig):
     @classmethod
     def smoke(cls) -> "TextWorldConfig":
         """Mechanics: 6 training and 6 held-out games, 16 updates of 8 × 8 steps."""
-        return cls(train_games=6, held_out_games=6, select_games=4, updates=16, num_envs=8, minibatch_size=64, eval_every=8)
+        return cls(train_games=6, held_out_games=6, select_games=4, updates=16, num_envs=8, minibatch_size=64,
+                   eval_every=8)
 
     @classmethod
     def cpu(cls) -> "TextWorldConfig":
@@ -258,7 +259,8 @@ def collect(agent: MenuAlector, encoder: TextEncoder, envs: list[TextWorldEnv], 
 # ---------------------------------------------------------------------------------------------
 # Policies and evaluation over games
 # ---------------------------------------------------------------------------------------------
-def agent_policy(agent: MenuAlector, encoder: TextEncoder, cfg: TextWorldConfig, greedy: bool = True, seed: int = 0) -> Policy:
+def agent_policy(agent: MenuAlector, encoder: TextEncoder, cfg: TextWorldConfig, greedy: bool = True,
+                 seed: int = 0) -> Policy:
     """The agent's argmax (greedy) or sampled command; sampling draws from a generator seeded by ``seed``."""
     dev = next(agent.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -353,7 +355,8 @@ def _train(cfg, encoder, games, updates, agent, run_name, dev):
                              **{k: v for k, v in ep.items() if k != "t"}})
         steps += roll.actions.numel()
         row = {**stats, "charts/env_steps": steps, "charts/lr": lr, "charts/episodes": len(roll.episodes),
-               "stats/distinct_states": len(distinct), "stats/encoder_forward_passes": encoder.forward_passes - passes_before,
+               "stats/distinct_states": len(distinct),
+               "stats/encoder_forward_passes": encoder.forward_passes - passes_before,
                "time/update_s": time.time() - start}
         if roll.episodes:
             row["charts/episode_return"] = float(np.mean([e["return"] for e in roll.episodes]))
@@ -392,7 +395,8 @@ def transcript(agent: MenuAlector, encoder: TextEncoder, cfg: TextWorldConfig, g
         a = int(probs.argmax()) if greedy else int(torch.multinomial(probs, 1, generator=gen))
         value = float(agent.value(batch)[0])
         next_obs, reward, done, info = env.step(state[1][a])
-        steps.append({"step": info["moves"], "observation": obs, "command probabilities": dict(zip(state[1], probs.tolist())),
+        steps.append({"step": info["moves"], "observation": obs,
+                      "command probabilities": dict(zip(state[1], probs.tolist())),
                       "value V(s)": value, "command": state[1][a], "reward": reward,
                       "score": f"{info['score']:g} / {info['max_score']:g}", "done": done})
         obs = next_obs

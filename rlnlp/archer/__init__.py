@@ -75,4 +75,5 @@ __all__ = ["ALGOS", "GAMES", "TASKS", "TWENTY_QUESTIONS_VARIANTS", "ArcherConfig
            "plot_turn_credit", "run_study", "save_study", "summarize", "turn_credit", "evaluate", "hard_update",
            "load_checkpoint", "main", "make_env", "mlp", "play", "plot_returns", "policy_step", "polyak_update",
            "q_targets", "read_run", "resolve_dataset", "return_curve", "sample_efficiency", "samples_to_return",
-           "save_checkpoint", "setup", "train", "train_archer", "train_baseline", "v_target", "with_task"]
+           "save_checkpoint", "scripted_play", "setup", "train", "train_archer", "train_baseline", "v_target",
+           "with_task"]

@@ -19,7 +19,8 @@ class Utterances:
     observations: list[str]
     texts: list[str]
     samples: Samples
-    old_logprobs: torch.Tensor | None = None  # PPO's π_old per token (``actor.old_logprobs``), set before the first update
+    # PPO's π_old per token (``actor.old_logprobs``), set before the first update
+    old_logprobs: torch.Tensor | None = None
 
 
 def act(model, tokenizer, env, observations: list[str], cfg: ArcherConfig, n: int = 1, seed: int | None = None,

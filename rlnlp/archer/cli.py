@@ -38,7 +38,8 @@ def _cli_train(args) -> int:
                                       prefill=args.prefill).items()
                 if v is not None}
         if "dataset" not in over:
-            raise UsageError("train needs --dataset (a task file or a Twenty Questions variant), or --resume --name NAME")
+            raise UsageError("train needs --dataset (a task file or a Twenty Questions variant), "
+                             "or --resume --name NAME")
         task = next((t for t, v in TASKS.items() if v["dataset"] == over["dataset"]
                      or Path(v["dataset"]).name == Path(over["dataset"]).name), None)
         cfg = getattr(ArcherConfig, profile(args.profile))()
@@ -90,7 +91,8 @@ def build_parser() -> Parser:
                                       f"({', '.join(TWENTY_QUESTIONS_VARIANTS)})")
     tr.add_argument("--name", help="run folder under runs/ (default: algo_dataset_time)")
     tr.add_argument("--algo", choices=ALGOS + ("baseline",), default="archer", help="baseline = ppo")
-    tr.add_argument("--profile", choices=("smoke", "cpu", "full"), help="budget preset (default: full on CUDA, else cpu)")
+    tr.add_argument("--profile", choices=("smoke", "cpu", "full"),
+                    help="budget preset (default: full on CUDA, else cpu)")
     tr.add_argument("--resume", action="store_true", help="continue runs/NAME from its latest checkpoint")
     tr.add_argument("--seed", type=nonneg_int)
     tr.add_argument("--env-steps", type=positive_int, help="environment-sample budget")

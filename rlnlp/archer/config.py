@@ -166,9 +166,9 @@ class ArcherConfig:
 
 _RULES = {
     **dict.fromkeys(("seed", "warmup_iters", "checkpoint_every"), INT_AT_LEAST_0),
-    **dict.fromkeys(("lora_r", "num_envs", "env_steps", "max_turns", "utterance_tokens", "critic_hidden", "critic_batch",
-                     "critic_steps", "fresh_batch", "buffer_size", "hard_update_every", "ppo_epochs", "group_size",
-                     "train_batch", "eval_episodes", "critic_max_length"), INT_AT_LEAST_1),
+    **dict.fromkeys(("lora_r", "num_envs", "env_steps", "max_turns", "utterance_tokens", "critic_hidden",
+                     "critic_batch", "critic_steps", "fresh_batch", "buffer_size", "hard_update_every", "ppo_epochs",
+                     "group_size", "train_batch", "eval_episodes", "critic_max_length"), INT_AT_LEAST_1),
     **dict.fromkeys(("lora_alpha", "temperature", "critic_lr", "actor_lr", "ppo_clip", "grad_clip"), POSITIVE),
     **dict.fromkeys(("kl_coef", "oracle_margin"), NON_NEGATIVE),
     "lora_dropout": between(0, 1, high_open=True),
@@ -176,7 +176,8 @@ _RULES = {
     "tau": between(0, 1, low_open=True),
     "oracle_threshold": between(-1, 1),
 }
-"""What each field allows (``__post_init__``): a bad value is one ValueError naming the field, before any model loads."""
+"""What each field allows (``__post_init__``): a bad value is one ValueError naming the field, before any model
+loads."""
 
 
 def with_task(cfg: ArcherConfig, task: str, **kw) -> ArcherConfig:

@@ -100,7 +100,8 @@ class Critic:
         return {"q": torch.minimum(q1, q2).cpu(), "v": torch.minimum(v1, v2).cpu(),
                 "q1": q1.cpu(), "q2": q2.cpu(), "v1": v1.cpu(), "v2": v2.cpu()}
 
-    def loss(self, batch: list[Transition], fresh_obs: list[str], fresh_actions: list[str]) -> tuple[torch.Tensor, dict]:
+    def loss(self, batch: list[Transition], fresh_obs: list[str],
+             fresh_actions: list[str]) -> tuple[torch.Tensor, dict]:
         """L_Q on replay transitions + L_V on (s, a′) pairs with a′ fresh from the current policy."""
         h_s = self.embed([t.observation for t in batch], True)  # (B, D)
         h_a = self.embed([t.action for t in batch], False)  # (B, D)

@@ -70,7 +70,8 @@ def _checkpoint_dir(exp_path: Path, label: str) -> Path:
     read_run(exp_path)
     ckpt = exp_path / "checkpoints" / label
     if not (ckpt / "actor").exists():
-        have = sorted(p.name for p in (exp_path / "checkpoints").glob("[!.]*")) if (exp_path / "checkpoints").exists() else []
+        have = (sorted(p.name for p in (exp_path / "checkpoints").glob("[!.]*"))
+                if (exp_path / "checkpoints").exists() else [])
         raise RunFolderError(f"{exp_path}: no checkpoint {label!r} (checkpoints here: {', '.join(have) or 'none'})")
     return ckpt
 

@@ -350,7 +350,8 @@ def score_digits(answer: str, spec: dict) -> tuple[float, str]:
         return 0.0, f"Your answer {guess} has {len(g)} digits; the answer has {len(t)}."
     wrong = [PLACES[i] for i in range(len(t)) if g[i] != t[i]]
     side = "high" if guess > target else "low"
-    return 0.0, f"Your answer {guess} is too {side}: its {' and '.join(wrong)} digit{'s are' if len(wrong) > 1 else ' is'} wrong."
+    return 0.0, (f"Your answer {guess} is too {side}: "
+                 f"its {' and '.join(wrong)} digit{'s are' if len(wrong) > 1 else ' is'} wrong.")
 
 
 def score_lake3(answer: str, spec: dict) -> tuple[float, str]:
@@ -474,7 +475,8 @@ def feedback_func(prompts, completions, task=None, spec=None, truncated=None, **
 # the data files and the datasets built from them
 
 
-def generate(seed: int = 0, n_train: int = 400, n_eval: int = 150, tasks: Sequence[str] = TASKS) -> dict[str, list[dict]]:
+def generate(seed: int = 0, n_train: int = 400, n_eval: int = 150,
+             tasks: Sequence[str] = TASKS) -> dict[str, list[dict]]:
     """Distinct instances per task, split into train and eval (no prompt appears in both).
 
     Each family puts ``n_eval`` instances in eval (enough for a paired interval of about ±0.1 on a success
@@ -510,7 +512,8 @@ def write(folder: str | Path = DATA_DIR, seed: int = 0, n_train: int = 400, n_ev
     return counts
 
 
-def read_rows(split: str = "train", tasks: Sequence[str] | str | None = None, folder: str | Path = DATA_DIR) -> list[dict]:
+def read_rows(split: str = "train", tasks: Sequence[str] | str | None = None,
+              folder: str | Path = DATA_DIR) -> list[dict]:
     path = Path(folder) / f"{split}.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; regenerate it with `python -m rlnlp.envs.feedback_tasks`")
@@ -536,7 +539,8 @@ def load_split(split: str = "train", tasks: Sequence[str] | str | None = None, l
     from datasets import Dataset
 
     rows = read_rows(split, tasks, folder)[:limit]
-    return Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "task": r["task"], "spec": r["spec"]}
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "task": r["task"],
+                               "spec": r["spec"]}
                               for r in rows])
 
 

@@ -39,7 +39,6 @@ import os
 import random
 import re
 import shlex
-import shutil
 import sys
 import tempfile
 import warnings
@@ -186,7 +185,8 @@ def fingerprint(path: str | os.PathLike) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
-def split_games(family: GameFamily, n_train: int, n_held_out: int, held_out_from: int = 10_000) -> tuple[list[Path], list[Path]]:
+def split_games(family: GameFamily, n_train: int, n_held_out: int,
+                held_out_from: int = 10_000) -> tuple[list[Path], list[Path]]:
     """(training games, HELD-OUT games) of ``family``: seeds 0..n_train−1 and held_out_from.., every held-out
     game checked by :func:`fingerprint` to differ from every training game (a repeat is skipped and the next
     seed taken), so no held-out game was ever trained on."""
@@ -202,7 +202,8 @@ def split_games(family: GameFamily, n_train: int, n_held_out: int, held_out_from
                 seen.add(f)
                 held.append(p)
         if seed > held_out_from + 10 * n_held_out + 10:
-            raise RuntimeError(f"{family.name}: only {len(held)} distinct held-out games in {seed - held_out_from} seeds")
+            raise RuntimeError(f"{family.name}: only {len(held)} distinct held-out games "
+                               f"in {seed - held_out_from} seeds")
     return train, held
 
 
@@ -217,7 +218,8 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(meta.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GameFileError(f"{meta}: corrupt game metadata ({err.__class__.__name__}: {str(err).splitlines()[0]})") from None
+        raise GameFileError(f"{meta}: corrupt game metadata "
+                            f"({err.__class__.__name__}: {str(err).splitlines()[0]})") from None
 
 
 def _check_story(path: Path) -> None:
@@ -253,7 +255,8 @@ def _first_line(err: BaseException) -> str:
 
 def _clean(text: str | None) -> str:
     """Game text without TextWorld's ASCII-art banner, runs of blank lines or trailing spaces."""
-    lines = [ln.rstrip() for ln in (text or "").splitlines() if "$$" not in ln and not re.fullmatch(r"[\s_\\|/]*\\?[_]+.*", ln)]
+    lines = [ln.rstrip() for ln in (text or "").splitlines()
+             if "$$" not in ln and not re.fullmatch(r"[\s_\\|/]*\\?[_]+.*", ln)]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
@@ -293,7 +296,8 @@ class TextWorldEnv:
             infos = textworld.EnvInfos(admissible_commands=True, score=True, max_score=True, won=True, lost=True,
                                        description=True, inventory=True, objective=True)
             try:
-                with warnings.catch_warnings():  # jericho does not know TextWorld's games; TextWorld keeps the score itself
+                # jericho does not know TextWorld's games; TextWorld keeps the score itself
+                with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=".*not fully supported")
                     self._envs[path] = textworld.start(str(path), request_infos=infos)
             except Exception as err:  # noqa: BLE001 — any failure to load is the file's fault: name it
@@ -405,7 +409,8 @@ def play_games(policy: Policy, games: Sequence, max_steps: int, samples: int = 1
 
 
 def resolve_games(spec: str, seeds: Sequence[int] = (0,)) -> list[Path]:
-    """A game file, a folder of .z8 games, or a tw-make family (``"tw-coin_collector --level 5"``, games of ``seeds``)."""
+    """A game file, a folder of .z8 games, or a tw-make family (``"tw-coin_collector --level 5"``, games of
+    ``seeds``)."""
     require_textworld()
     path = Path(spec)
     if path.suffix in (".z8", ".z5", ".ulx", ".json") or path.is_file():
@@ -421,7 +426,8 @@ def resolve_games(spec: str, seeds: Sequence[int] = (0,)) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlnlp.envs.textworld",
                                      description="Play TextWorld games with the random-admissible-command policy.")
-    parser.add_argument("games", help="a .z8 game file, a folder of them, or a tw-make family such as 'tw-coin_collector --level 5'")
+    parser.add_argument("games", help="a .z8 game file, a folder of them, "
+                                      "or a tw-make family such as 'tw-coin_collector --level 5'")
     parser.add_argument("--seed", type=int, nargs="+", default=[0], help="game seeds of a family (default 0)")
     parser.add_argument("--episodes", type=int, default=4, help="random episodes per game")
     parser.add_argument("--max-steps", type=int, default=50, help="step cap per episode")

@@ -21,7 +21,8 @@ importance-sampling level — is applied exactly once per call, by construction.
 advantages are normalised over the whole batch [r1; r2; r2]; in ``split`` y1 keeps TRL's
 group-relative advantages and Δ + y2 are normalised among themselves. ``split`` is ONE optimiser
 step with two terms of weight 1 each (not two optimiser steps): in the original all generation
-happens before the optimiser step and Algorithm 2 calls the loss twice on the split batch; one step also keeps "equal steps" comparable with plain GRPO and the
+happens before the optimiser step and Algorithm 2 calls the loss twice on the split batch; one step also
+keeps "equal steps" comparable with plain GRPO and the
 learning-rate schedule unchanged. Each term is its own TRL objective (its own token normaliser for
 the dapo-style losses, its own entropy mean), i.e. the gradient is the sum of the two updates'.
 
@@ -48,12 +49,28 @@ TimedGRPOTrainer), ``experiments`` (evaluation, ERL vs GRPO runs) and ``bench`` 
 / ``erl-seeds``). Every name is importable from ``rlnlp.erl``.
 """
 from .bench import BENCH_PHASES, bench_main, bench_step, seeds_main
-from .config import (COMPLETION_KEYS, DEFAULT_REFLECTION_PROMPT, DEFAULT_RETRY_PROMPT, INTERNALIZATION_RULES, PARTS,
-                     REFLECTION_FIELDS, RETRY_FIELDS, ROW_KEYS, SAMPLER_GENERATION_KWARGS, ERLConfig)
+from .config import (
+    COMPLETION_KEYS,
+    DEFAULT_REFLECTION_PROMPT,
+    DEFAULT_RETRY_PROMPT,
+    INTERNALIZATION_RULES,
+    PARTS,
+    REFLECTION_FIELDS,
+    RETRY_FIELDS,
+    ROW_KEYS,
+    SAMPLER_GENERATION_KWARGS,
+    ERLConfig,
+)
 from .experiments import METHODS, RunResult, evaluate, grpo_at_erl_budget, make_trainer, train_run
 from .memory import ReflectionMemory, should_internalize, should_store
-from .objective import (deal_rows, erl_advantages, internalization_labels, internalization_loss, select_rows,
-                        trim_padding)
+from .objective import (
+    deal_rows,
+    erl_advantages,
+    internalization_labels,
+    internalization_loss,
+    select_rows,
+    trim_padding,
+)
 from .packing import PackedForward, pack_rows, prefix_tree_pack
 from .step import ERLStep
 from .trainer import ERLLoss, ERLTrainer, PhaseClock, ScaffoldSampler, TimedGRPOTrainer

@@ -66,7 +66,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=positive_int, default=1, help="timed steps per method (after the warm-up)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up step of each method")
     parser.add_argument("--rounds", type=positive_int, default=1,
-                        help="run every method this many times, interleaved; the ratio is printed per round and over all")
+                        help="run every method this many times, interleaved; "
+                             "the ratio is printed per round and over all")
     parser.add_argument("--algorithm", choices=("joint", "split"), default=None)
     parser.add_argument("--lora-r", type=nonneg_int, default=None,
                         help="override the preset's LoRA rank (0 = full fine-tuning)")
@@ -83,7 +84,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     cfg = getattr(ERLConfig, args.profile)(**overrides)
     print(f"ERL vs GRPO, {args.profile} preset: {cfg.per_device_train_batch_size // cfg.num_generations} prompt(s) × "
           f"{cfg.num_generations} completions × {cfg.max_completion_length} tokens, tasks {cfg.tasks}, "
-          f"lora_r {cfg.lora_r}, algorithm {cfg.algorithm}, loss {cfg.loss_type}; torch threads {torch.get_num_threads()}; "
+          f"lora_r {cfg.lora_r}, algorithm {cfg.algorithm}, loss {cfg.loss_type}; "
+          f"torch threads {torch.get_num_threads()}; "
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     warm = 0 if args.no_warmup else 1
     steps_of: dict[str, list[dict]] = defaultdict(list)
@@ -96,21 +98,25 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
             means[method] = sum(s["seconds"] for s in steps) / len(steps)
             for i, s in enumerate(steps):
                 if s.get("rows"):
-                    print(f"round {r + 1}, {method} timed step {i + 1}: {s['seconds']:.2f} s (loss {s.get('loss', 0.0):.2f} s); "
+                    print(f"round {r + 1}, {method} timed step {i + 1}: {s['seconds']:.2f} s "
+                          f"(loss {s.get('loss', 0.0):.2f} s); "
                           f"trained rows {s['rows']}; tokens {s['tokens']}", flush=True)
         if "erl" in means:
             for base in (m for m in means if m != "erl"):
                 round_ratios[base].append(means["erl"] / means[base])
             print(f"round {r + 1}: " + ", ".join(f"ERL / {b} {v[-1]:.2f}" for b, v in round_ratios.items()), flush=True)
-    results = {m: {k: sum(s.get(k, 0.0) for s in st) / len(st) for k in ("seconds", *BENCH_PHASES)} for m, st in steps_of.items()}
+    results = {m: {k: sum(s.get(k, 0.0) for s in st) / len(st) for k in ("seconds", *BENCH_PHASES)}
+               for m, st in steps_of.items()}
     header = f"{'phase (s per step)':<22}" + "".join(f"{m:>10}" for m in results)
     print(header)
     for key in ("seconds", *BENCH_PHASES):
-        print(f"{'step total' if key == 'seconds' else key:<22}" + "".join(f"{results[m][key]:>10.2f}" for m in results))
+        print(f"{'step total' if key == 'seconds' else key:<22}"
+              + "".join(f"{results[m][key]:>10.2f}" for m in results))
     for base, ratios in round_ratios.items():
         ratio = results["erl"]["seconds"] / results[base]["seconds"]
         spread = f"; per round {min(ratios):.2f}–{max(ratios):.2f}" if len(ratios) > 1 else ""
-        print(f"ERL step / {base} step = {ratio:.2f} (mean of {args.rounds} round(s) × {args.steps} timed step(s) each, "
+        print(f"ERL step / {base} step = {ratio:.2f} "
+              f"(mean of {args.rounds} round(s) × {args.steps} timed step(s) each, "
               f"one process{spread})")
     return 0
 

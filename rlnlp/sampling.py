@@ -135,7 +135,8 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
+          generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose one token per row; return (token (B,), log π_T(token) (B,)) with π_T = softmax(logits / T)."""
     if temperature <= 0:
         token = logits.argmax(-1)
@@ -262,8 +263,10 @@ def _growing_layer_class():
             end = self.length + key_states.shape[-2]
             if end > self.k_buf.shape[2]:  # more than planned (never in the sampler): grow like a dynamic cache
                 extra = end - self.k_buf.shape[2]
-                self.k_buf = torch.cat([self.k_buf, self.k_buf.new_empty(*self.k_buf.shape[:2], extra, self.k_buf.shape[3])], 2)
-                self.v_buf = torch.cat([self.v_buf, self.v_buf.new_empty(*self.v_buf.shape[:2], extra, self.v_buf.shape[3])], 2)
+                grow = self.k_buf.new_empty(*self.k_buf.shape[:2], extra, self.k_buf.shape[3])
+                self.k_buf = torch.cat([self.k_buf, grow], 2)
+                grow = self.v_buf.new_empty(*self.v_buf.shape[:2], extra, self.v_buf.shape[3])
+                self.v_buf = torch.cat([self.v_buf, grow], 2)
             self.k_buf[:, :, self.length : end] = key_states
             self.v_buf[:, :, self.length : end] = value_states
             self.length = end

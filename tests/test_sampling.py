@@ -21,7 +21,8 @@ def test_logprobs_equal_a_rescoring_pass(policy):
     model, tok = policy
     s = sample(model, tok, ["Write a short poem about rain.", "Hi"], n=2, max_new_tokens=12, temperature=0.7, seed=1)
     with torch.no_grad():
-        again = completion_logprobs(model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask, temperature=0.7)
+        again = completion_logprobs(model, s.prompt_ids, s.prompt_mask, s.completion_ids, s.completion_mask,
+                                    temperature=0.7)
     assert torch.allclose(again, s.logprobs, atol=1e-3)
 
 
@@ -30,7 +31,8 @@ def test_stop_string_ends_at_the_first_token_where_it_appears(policy):
     # Mutations seen to fail (a wrapper around sample): the stop string ignored (no row stops on it: the
     # precondition fails); a stopped row cut one token later than the stop (the shorter prefix already holds "\n").
     s = sample(model, tok, ["List three animals, one per line."] * 4, max_new_tokens=40, stop="\n", seed=2)
-    on_stop = [i for i in range(4) if s.stopped[i] and int(s.completion_ids[i, int(s.lengths[i]) - 1]) != tok.eos_token_id]
+    on_stop = [i for i in range(4)
+               if s.stopped[i] and int(s.completion_ids[i, int(s.lengths[i]) - 1]) != tok.eos_token_id]
     assert on_stop, f"no row stopped on the stop string, nothing to check: {s.texts}"
     for i, text in enumerate(s.texts):
         n = int(s.lengths[i])
@@ -131,8 +133,9 @@ def test_shared_prefix_rows_equal_a_rescoring_pass(policy, monkeypatch):
     monkeypatch.setattr(sampling, "_prefix_kv", lambda m, kw, ids, dev: calls.append(len(ids)) or real(m, kw, ids, dev))
     rules = ("You are playing a game on a five by five board. Each turn you choose one move: up, down, left or right. "
              "A move into a wall leaves you where you are.")
-    prompts = [f"{rules}\nState: {s}\nMove:" for s in ["start", "you hit a wall twice in a row, near the corner", "(2, 3)",
-                                                        "the goal is one step to the left of you", "lost"]]
+    prompts = [f"{rules}\nState: {s}\nMove:"
+               for s in ["start", "you hit a wall twice in a row, near the corner", "(2, 3)",
+                         "the goal is one step to the left of you", "lost"]]
     run = lambda: sample(model, tok, prompts, n=2, max_new_tokens=8, chat=False, batch_size=4, seed=5)  # noqa: E731
     s = run()
     assert len(calls) == 1 and calls[0] >= 25  # one prefill of the shared prefix for the three batches
@@ -149,7 +152,8 @@ def test_incremental_text_is_the_full_decode(policy):
     from rlnlp.sampling import _IncrementalText
 
     _, tok = policy
-    ids = tok("naïve café — 日本語のテキスト 🙂🚀 x² ≠ y\n  two  spaces\tand a tab.", add_special_tokens=False)["input_ids"]
+    text = "naïve café — 日本語のテキスト 🙂🚀 x² ≠ y\n  two  spaces\tand a tab."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
     state = _IncrementalText()
     for k, token in enumerate(ids):
         old, new = tok.batch_decode(list(state.windows(token)), skip_special_tokens=True)
@@ -200,7 +204,8 @@ def test_rows_that_finish_at_different_steps(policy, monkeypatch):
         last = int(together.completion_ids[i, n - 1])
         assert together.stopped[i] == (last == period or any(x in together.texts[i] for x in kw["stop"]) or
                                        last == tok.eos_token_id)
-        assert torch.all(together.completion_ids[i, n:] == tok.pad_token_id) and torch.all(together.logprobs[i, n:] == 0)
+        assert torch.all(together.completion_ids[i, n:] == tok.pad_token_id)
+        assert torch.all(together.logprobs[i, n:] == 0)
 
 
 def test_n_samples_with_a_seed_are_reproducible(policy):
@@ -210,7 +215,8 @@ def test_n_samples_with_a_seed_are_reproducible(policy):
     a = run(7)
     torch.manual_seed(123)  # the global generator does not matter when a seed is given
     b = run(7)
-    assert a.texts == b.texts and torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
+    assert a.texts == b.texts and torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.logprobs, b.logprobs)
     assert len(set(a.texts[:4])) > 1  # the n samples of a prompt are different draws, not copies
     assert run(8).texts != a.texts
 

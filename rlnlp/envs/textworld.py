@@ -423,25 +423,31 @@ def resolve_games(spec: str, seeds: Sequence[int] = (0,)) -> list[Path]:
     return GameFamily.parse(spec).games(list(seeds))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlnlp.envs.textworld",
-                                     description="Play TextWorld games with the random-admissible-command policy.")
+def _main(argv: Sequence[str] | None = None) -> int:
+    from ..cli import Parser, nonneg_int, positive_int
+
+    parser = Parser(prog="python -m rlnlp.envs.textworld",
+                    description="Play TextWorld games with the random-admissible-command policy.")
     parser.add_argument("games", help="a .z8 game file, a folder of them, "
                                       "or a tw-make family such as 'tw-coin_collector --level 5'")
-    parser.add_argument("--seed", type=int, nargs="+", default=[0], help="game seeds of a family (default 0)")
-    parser.add_argument("--episodes", type=int, default=4, help="random episodes per game")
-    parser.add_argument("--max-steps", type=int, default=50, help="step cap per episode")
+    parser.add_argument("--seed", type=nonneg_int, nargs="+", default=[0], help="game seeds of a family (default 0)")
+    parser.add_argument("--episodes", type=positive_int, default=4, help="random episodes per game")
+    parser.add_argument("--max-steps", type=positive_int, default=50, help="step cap per episode")
     args = parser.parse_args(argv)
-    try:
-        games = resolve_games(args.games, args.seed)
-        res = play_games(random_policy(0), games, args.max_steps, samples=args.episodes)
-        for game, score, won in zip(games, res["normalized"], res["won"]):
-            print(f"{game}: random admissible commands, {args.episodes} episodes ≤ {args.max_steps} steps: "
-                  f"normalised score {score:.2f}, won {won:.0%}")
-    except (TextWorldMissing, GameFileError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    games = resolve_games(args.games, args.seed)
+    res = play_games(random_policy(0), games, args.max_steps, samples=args.episodes)
+    for game, score, won in zip(games, res["normalized"], res["won"]):
+        print(f"{game}: random admissible commands, {args.episodes} episodes ≤ {args.max_steps} steps: "
+              f"normalised score {score:.2f}, won {won:.0%}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rlnlp.envs.textworld GAMES``: a missing game, a corrupt file or a bad option is one line, exit 2."""
+    from ..cli import run
+
+    return run(_main, argv, errors=(TextWorldMissing, GameFileError, ValueError, FileNotFoundError),
+               prog="python -m rlnlp.envs.textworld")
 
 
 if __name__ == "__main__":

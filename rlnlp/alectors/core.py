@@ -383,6 +383,22 @@ def forward_states(agent: Alector, emb: torch.Tensor, mask: torch.Tensor, rows: 
     return dist, (agent.scaled_value(e, m)[inverse] if with_value else None)
 
 
+
+def set_learning_rate(optimizers, cfg: AlectorsConfig, update: int, updates: int) -> float:
+    """Linear annealing to 0 over ``updates`` when ``cfg.anneal_lr`` (CleanRL's schedule), else ``cfg.lr``; sets it on
+    every parameter group and returns it."""
+    lr = cfg.lr * (1.0 - update / updates) if cfg.anneal_lr else cfg.lr
+    for group in (g for opt in optimizers for g in opt.param_groups):
+        group["lr"] = lr
+    return lr
+
+
+def distinct_rows(items: list, dev) -> tuple[list, torch.Tensor]:
+    """The distinct items in first-seen order and, for each item, its row among them: (distinct, index (B,))."""
+    distinct = list(dict.fromkeys(items))
+    row_of = {x: i for i, x in enumerate(distinct)}
+    return distinct, torch.tensor([row_of[x] for x in items], device=dev)
+
 def make_optimizers(agent: Alector, cfg: AlectorsConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """One Adam per network (actor, critic): the KL target stops the actor's steps while the critic goes on,
     and Adam must not keep moving a stopped actor on its momentum."""
@@ -565,15 +581,11 @@ def _train(task, cfg, encoder, updates, agent, run_name, dev):
     bar = progress(range(updates), desc=f"PPO on {task.name}")
     for update in bar:
         start = time.time()
-        lr = cfg.lr * (1.0 - update / updates) if cfg.anneal_lr else cfg.lr
-        for group in (g for opt in optimizers for g in opt.param_groups):
-            group["lr"] = lr
+        lr = set_learning_rate(optimizers, cfg, update, updates)
         roll, obs = collect(agent, encoder, envs, obs, task, cfg, running)
         adv, ret = gae(roll.rewards, roll.values, roll.dones, roll.next_value, cfg.gamma, cfg.gae_lambda)  # (T, N)
         flat = [t for row in roll.texts for t in row]
-        distinct = list(dict.fromkeys(flat))
-        row_of = {t: i for i, t in enumerate(distinct)}
-        index = torch.tensor([row_of[t] for t in flat], device=dev)  # (B,) sample → its state's row
+        distinct, index = distinct_rows(flat, dev)  # index (B,): sample → its state's row
         emb, mask = observe(encoder, distinct, dev)  # all cache hits: these texts were just encoded
         to = lambda x: x.reshape(-1).to(dev)
         advantages = normalize(to(adv)) if cfg.normalize_advantages else to(adv)  # whole rollout

@@ -39,7 +39,7 @@ from ..models import TextEncoder
 from ..returns import gae
 from ..runtime import device as default_device
 from ..tracking import Tracker, progress
-from .core import AlectorsConfig, Reader, make_optimizers, ppo_update
+from .core import AlectorsConfig, Reader, distinct_rows, make_optimizers, ppo_update, set_learning_rate
 
 
 @dataclass
@@ -336,15 +336,11 @@ def _train(cfg, encoder, games, updates, agent, run_name, dev):
     bar = progress(range(updates), desc="PPO on TextWorld")
     for update in bar:
         start = time.time()
-        lr = cfg.lr * (1.0 - update / updates) if cfg.anneal_lr else cfg.lr
-        for group in (g for opt in optimizers for g in opt.param_groups):
-            group["lr"] = lr
+        lr = set_learning_rate(optimizers, cfg, update, updates)
         roll, obs = collect(agent, encoder, envs, obs, cfg, next_seed, running)
         adv, ret = gae(roll.rewards, roll.values, roll.dones, roll.next_value, cfg.gamma, cfg.gae_lambda)  # (T, N)
         flat = [s for row in roll.states for s in row]
-        distinct = list(dict.fromkeys(flat))
-        row_of = {s: i for i, s in enumerate(distinct)}
-        index = torch.tensor([row_of[s] for s in flat], device=dev)  # (B,) sample → its state's row
+        distinct, index = distinct_rows(flat, dev)  # index (B,): sample → its state's row
         batch = read_states(encoder, distinct, cfg.max_tokens, dev)
         to = lambda x: x.reshape(-1).to(dev)
         advantages = normalize(to(adv)) if cfg.normalize_advantages else to(adv)

@@ -9,7 +9,7 @@ The shared core (every system builds on these; systems never import each other):
     envs      the text-environment protocol (reset/step), Episode, rollout(), VecEnv
     tracking  Tracker (metrics -> DataFrame / runs/<name>/metrics.csv), progress()
     plots     every figure; save() into visualizations/
-    widgets   stepper(), scrubber()
+    widgets   stepper(), scrubber(), erl_browser()
     data      wikipedia_summaries(), twenty_questions(), data_dir()
     stats     paired_difference(), mean_interval(), wilson(), bootstrap(), binned_rate() -> Interval
     results   Results(notebook).add(...) — headline rows; ``python -m rlnlp.scoreboard`` prints them

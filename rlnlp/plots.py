@@ -122,6 +122,39 @@ def curves(data, x: str, ys: Sequence[str] | str, *, labels: Sequence[str] | Non
     return fig
 
 
+DIAGNOSTIC_TITLE = "Optimisation diagnostic, not progress"
+
+
+def diagnostics(data, x: str, ys: Sequence[str] | str, *, labels: Sequence[str] | None = None, title: str = "",
+                xlabel: str | None = None, ylabel: str = "loss"):
+    """Losses (optimisation diagnostics) one panel each, under a title that says they do not measure progress.
+
+    A policy-gradient surrogate's value is not the return: it can be negative, jump when the advantages change and
+    rise while the policy improves. So each series gets its own panel and y scale, never an axis shared with a
+    progress curve: a panel whose values cross 0 gets a zero line; one whose values are all positive and span a
+    decade or more (a cross-entropy falling by orders of magnitude) a log scale; one with no value a note saying
+    so. The figure's title starts with ``DIAGNOSTIC_TITLE``.
+    """
+    ys = [ys] if isinstance(ys, str) else list(ys)
+    labels = list(labels) if labels else [human(y) for y in ys]
+    fig, axes = plt.subplots(1, len(ys), figsize=(4.4 * len(ys), 3.4), layout="constrained", squeeze=False)
+    for ax, y, label in zip(axes[0], ys, labels):
+        curves(data, x, [y], labels=[label], title=label, xlabel=xlabel, ylabel=ylabel, ax=ax)
+        values = np.asarray(data[y], dtype=float)
+        values = values[np.isfinite(values)]
+        if not len(values):
+            ax.text(0.5, 0.5, "not logged in this run", transform=ax.transAxes, ha="center", va="center",
+                    color="0.4")
+        elif values.min() < 0 < values.max():
+            ax.axhline(0.0, color="0.5", linewidth=0.8)
+        elif values.min() > 0 and values.max() / values.min() >= 10:
+            ax.set_yscale("log")
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()  # the panel's title names its one series
+    fig.suptitle(f"{DIAGNOSTIC_TITLE}: {title}" if title else DIAGNOSTIC_TITLE, fontsize=10)
+    return fig
+
+
 def heatmap(matrix, *, title: str = "", xlabel: str = "", ylabel: str = "", xticklabels=None, yticklabels=None,
             cbar_label: str = "", annotate: bool | None = None, marks: Sequence[tuple[int, int]] | None = None,
             cmap: str = "viridis", vmin=None, vmax=None, ax=None, fmt: str = ".2g"):

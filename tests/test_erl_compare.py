@@ -76,3 +76,25 @@ def test_two_erl_runs_at_one_seed_are_identical(tmp_path):
     pb = {n: p.detach() for n, p in b.trainer.model.named_parameters() if p.requires_grad}
     assert any(p.abs().sum() > 0 for n, p in pa.items() if "lora_B" in n)  # it trained (LoRA B starts at 0)
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
+
+
+def test_study_figure_draws_the_mean_over_seeds_with_the_seeds_range_as_a_band():
+    # fails if the curve is one seed's (or the sum of seeds) instead of their mean, or the band is not the seeds'
+    # min..max at each evaluation
+    import numpy as np
+
+    from rlnlp.erl.compare import compare_figure
+
+    rows = [_run(0, "erl", [1, 0, 0]), _run(1, "erl", [1, 1, 1]), _run(2, "erl", [0, 0, 0]),
+            _run(0, "grpo", [1, 1, 0]), _run(1, "grpo", [1, 1, 0]), _run(2, "grpo", [0, 1, 0])]
+    untrained = {"accuracy": 0.0, "n": 3, "success": [0, 0, 0]}
+    ax = compare_figure(rows, untrained, "digits").axes[0]
+    erl_line = next(ln for ln in ax.get_lines() if ln.get_label().startswith("ERL (mean"))
+    assert np.allclose(erl_line.get_xdata(), [0.0, 5.0, 10.0])
+    assert np.allclose(erl_line.get_ydata(), [0.0, 0.0, (1 / 3 + 1 + 0) / 3])
+    bands = [c for c in ax.collections if type(c).__name__ in ("PolyCollection", "FillBetweenPolyCollection")]
+    assert len(bands) == 2  # ERL's and GRPO's
+    erl_band = bands[0].get_paths()[0].vertices
+    at_end = erl_band[np.isclose(erl_band[:, 0], 10.0), 1]
+    assert np.isclose(at_end.min(), 0.0) and np.isclose(at_end.max(), 1.0)
+    assert "3 seeds" in ax.get_title()

@@ -91,3 +91,23 @@ def test_a_few_points_are_drawn_as_points_not_as_a_curve():
     assert line.get_marker() == "o" and line.get_linestyle() == "--" and line.get_markersize() >= 6
     dense = plots.curves(pd.DataFrame({"step": range(50), "accuracy": np.linspace(0, 1, 50)}), "step", "accuracy")
     assert dense.axes[0].get_lines()[0].get_linestyle() == "-"
+
+
+def test_losses_are_drawn_as_diagnostics_one_panel_each_with_the_scale_their_values_need():
+    # fails if the losses share one axis, if a cross-entropy that falls by two decades is not log-scaled, if a
+    # surrogate that crosses 0 gets no zero line (or a log axis it cannot have), or the title does not say
+    # "not progress"
+    df = pd.DataFrame({"step": range(1, 7), "losses/grpo": [-0.01, 0.18, -0.1, 0.02, 0.07, 0.02],
+                       "losses/internalization": [np.nan, 2.0, 0.5, 0.1, 0.03, 0.02],
+                       "losses/kl": [0.5, 0.6, 0.4, 0.5, 0.7, 0.6], "losses/never": [np.nan] * 6})
+    fig = plots.diagnostics(df, "step", ["losses/grpo", "losses/internalization", "losses/kl", "losses/never"],
+                            labels=["GRPO surrogate", "internalization CE", "KL", "never"], title="ERL's loss terms")
+    grpo, ce, kl, never = fig.axes
+    assert fig.get_suptitle().startswith(plots.DIAGNOSTIC_TITLE) and "ERL's loss terms" in fig.get_suptitle()
+    assert "not progress" in plots.DIAGNOSTIC_TITLE
+    assert [ax.get_title() for ax in fig.axes] == ["GRPO surrogate", "internalization CE", "KL", "never"]
+    assert [ax.get_yscale() for ax in fig.axes] == ["linear", "log", "linear", "linear"]
+    zero_lines = lambda ax: [ln for ln in ax.get_lines() if list(ln.get_ydata()) == [0.0, 0.0]]
+    assert len(zero_lines(grpo)) == 1 and not zero_lines(kl) and not zero_lines(ce)
+    assert len(grpo.get_lines()[0].get_xdata()) == 6 and len(ce.get_lines()[0].get_xdata()) == 5  # NaN skipped
+    assert "not logged" in " ".join(t.get_text() for t in never.texts)

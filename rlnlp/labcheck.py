@@ -2,18 +2,20 @@
 
     python -m rlnlp.labcheck                 # or: make lab-check
     python -m rlnlp.labcheck --out runs/lab-check --timeout 900
+    python -m rlnlp.labcheck 00_tour.ipynb 05_erl_reflection.ipynb --run 05_erl_reflection.ipynb
 
 Starts JupyterLab headless on a free localhost port (on copies of the notebooks, so nothing in
 notebooks/ is modified), opens every notebook in headless Chromium through selenium, runs the tour
-(00) with "Run All Cells" in the smoke profile, and checks that
+(00, and any notebook named with ``--run``) with "Run All Cells" in the smoke profile, and checks that
 
 * every code cell ran (no cell left at ``[*]``) and no cell shows an error;
 * every widget view rendered: no "Error displaying widget", none stuck at "Loading widget";
-* the tour's figures appear as images, and its episode stepper's slider moves under the arrow keys;
+* the tour's figures appear as images, and the first widget slider of every notebook that was run and calls
+  ``widgets.`` moves under the arrow keys;
 * every other notebook opens and renders its markdown (and the committed figures it links).
 
-Screenshots go to ``runs/lab-check/`` (one per notebook, plus the tour's widget). Needs JupyterLab,
-ipywidgets, selenium and Debian's ``chromium`` and ``chromium-driver``: missing Python packages are
+Screenshots go to ``runs/lab-check/`` (one per notebook, plus the widget of each notebook that was run).
+Needs JupyterLab, ipywidgets, selenium and Debian's ``chromium`` and ``chromium-driver``: missing Python packages are
 installed with pip; missing browser packages are installed with apt-get when running as root, and
 otherwise the one command that installs them is printed.
 """
@@ -146,23 +148,55 @@ def open_notebook(drv, base: str, name: str, token: str, timeout: float = 120) -
     time.sleep(2)  # markdown and images render after the cells exist
 
 
-def run_all(drv, timeout: float) -> None:
-    """Run > Run All Cells (the command runmenu:run-all), then wait until no prompt shows [*]."""
+ERROR_OUTPUTS = """return [...document.querySelectorAll(arguments[0] +
+    ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")]
+    .filter(e => e.textContent.includes('Traceback (most recent call last)'));"""
+"""Script: the error outputs of the notebook in front (JupyterLab 4 renders an exception as stderr text, like a
+warning, so it is told apart by its traceback)."""
+RUNNING_CELLS = """return [...document.querySelectorAll(arguments[0] + ".jp-CodeCell .jp-InputArea-prompt")]
+    .filter(e => e.textContent.trim() === '[*]:');"""
+"""Script: the prompts of the code cells still running or queued in the notebook in front."""
+
+
+def _prompts(drv) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [p.text.strip() for p in drv.find_elements(By.CSS_SELECTOR, CURRENT + ".jp-CodeCell .jp-InputArea-prompt")]
+
+
+def run_all(drv, timeout: float) -> list[str]:
+    """Run > Run All Cells (the command runmenu:run-all), then wait until no prompt shows [*]: every cell ran, or
+    execution stopped at an error (the cells after it stay unrun). Returns what went wrong: the cells that never
+    ran, or that it was still running after ``timeout`` seconds."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     menu = next(e for e in drv.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-item") if e.text.strip() == "Run")
     menu.click()
-    WebDriverWait(drv, 20).until(lambda d: _count(d, "li.lm-Menu-item[data-command='runmenu:run-all']"))
-    drv.find_element(By.CSS_SELECTOR, "li.lm-Menu-item[data-command='runmenu:run-all']").click()
+    item = "li.lm-Menu-item[data-command='runmenu:run-all']"  # the open menu lives outside the notebook panel
+    WebDriverWait(drv, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, item))
+    drv.find_element(By.CSS_SELECTOR, item).click()
     time.sleep(3)
-
-    def done(d) -> bool:
-        prompts = [p.text for p in d.find_elements(By.CSS_SELECTOR, CURRENT + ".jp-CodeCell .jp-InputArea-prompt")]
-        return bool(prompts) and all(p.strip() not in ("", "[ ]:", "[*]:") for p in prompts)
-
-    WebDriverWait(drv, timeout, poll_frequency=2).until(done)
+    try:
+        WebDriverWait(drv, timeout, poll_frequency=2).until(lambda d: (p := _prompts(d)) and "[*]:" not in p)
+    except TimeoutException:
+        return [f"still running after {timeout:.0f} s ({_prompts(drv).count('[*]:')} code cells at [*])"]
     time.sleep(3)  # widget views render after the kernel has answered
+    unrun = [i for i, p in enumerate(_prompts(drv)) if p in ("", "[ ]:")]
+    if unrun:
+        return [f"{len(unrun)} code cells never ran (from code cell {unrun[0]} on): execution stopped"]
+    return []
+
+
+def scroll_to_first(drv, script: str) -> bool:
+    """Scroll the first element ``script`` finds (``ERROR_OUTPUTS``, ``RUNNING_CELLS``) in the notebook in front into
+    view; False when it finds none."""
+    found = drv.execute_script(script, CURRENT)
+    if found:
+        drv.execute_script("arguments[0].scrollIntoView({block: 'center'});", found[0])
+        time.sleep(1)
+    return bool(found)
 
 
 def problems(drv) -> list[str]:
@@ -173,8 +207,7 @@ def problems(drv) -> list[str]:
         found.append("a widget view failed: 'Error displaying widget'")
     if "Loading widget" in text:
         found.append("a widget view is stuck at 'Loading widget'")
-    errors = _count(drv, ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'] .jp-mod-error, "
-                         ".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']")
+    errors = len(drv.execute_script(ERROR_OUTPUTS, CURRENT))
     if errors:
         found.append(f"{errors} cell output(s) show an error")
     return found
@@ -211,8 +244,9 @@ def first_figure(drv) -> bool:
     return True
 
 
-def move_slider(drv, steps: int = 2) -> tuple[str, str]:
-    """Focus the first widget slider's handle and press → ``steps`` times; returns its readout before and after."""
+def move_slider(drv, steps: int = 2) -> tuple[str, str, str]:
+    """Focus the first widget slider's handle and press → ``steps`` times; returns its readout before and after,
+    and its maximum (a slider over one position cannot move)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -225,14 +259,25 @@ def move_slider(drv, steps: int = 2) -> tuple[str, str]:
         handle.send_keys(Keys.ARROW_RIGHT)
         time.sleep(0.5)
     time.sleep(1)
-    return before.strip(), (readout.text or readout.get_attribute("textContent")).strip()
+    after = readout.text or readout.get_attribute("textContent")
+    return before.strip(), after.strip(), (handle.get_attribute("aria-valuemax") or "").strip()
 
 
-def check(out: Path, timeout: int, notebooks: list[str] | None = None) -> int:
+def calls_widgets(path: Path) -> bool:
+    """Whether a notebook's code builds an ``rlnlp.widgets`` view."""
+    import json
+
+    return any("widgets." in "".join(c["source"]) for c in json.loads(path.read_text())["cells"]
+               if c["cell_type"] == "code")
+
+
+def check(out: Path, timeout: int, notebooks: list[str] | None = None, run_also: list[str] | None = None) -> int:
     browser, driver = ensure_dependencies()
     out.mkdir(parents=True, exist_ok=True)
     root = workspace(out)
-    names = notebooks or sorted(p.name for p in (root / "notebooks").glob("*.ipynb"))
+    names = list(notebooks or []) or sorted(p.name for p in (root / "notebooks").glob("*.ipynb"))
+    names += [n for n in run_also or [] if n not in names]
+    to_run = {n for n in names if n.startswith("00")} | set(run_also or [])
     port, token = free_port(), secrets.token_hex(16)
     lab = start_lab(root, port, token, out / "jupyterlab.log")
     base = f"http://127.0.0.1:{port}"
@@ -244,23 +289,29 @@ def check(out: Path, timeout: int, notebooks: list[str] | None = None) -> int:
         for name in names:
             stem = Path(name).stem
             open_notebook(drv, base, name, token)
-            if stem.startswith("00"):
+            if name in to_run:
                 t0 = time.time()
-                run_all(drv, timeout)
+                stopped = run_all(drv, timeout)
+                failures += [f"{name}: {p}" for p in stopped]
                 images = _count(drv, ".jp-OutputArea-output img")
                 widgets = _count(drv, ".jp-OutputArea-output .jupyter-widgets")
-                print(f"{name}: ran every cell in {time.time() - t0:.0f} s; {images} figures, {widgets} widget views",
-                      flush=True)
-                if images < 3:
+                print(f"{name}: {'stopped after' if stopped else 'ran every cell in'} {time.time() - t0:.0f} s; "
+                      f"{images} figures, {widgets} widget views", flush=True)
+                if stem.startswith("00") and images < 3:
                     failures.append(f"{name}: {images} figures rendered, expected at least 3")
-                if widgets < 1:
-                    failures.append(f"{name}: no widget view rendered")
+                if stopped:  # show where it stopped: the first error, else the first cell still running
+                    scroll_to_first(drv, ERROR_OUTPUTS) or scroll_to_first(drv, RUNNING_CELLS)
                 drv.save_screenshot(str(out / f"{stem}-end.png"))
-                before, after = move_slider(drv)
-                drv.save_screenshot(str(out / f"{stem}-widget.png"))
-                print(f"{name}: the stepper's slider went from {before} to {after} under two → presses", flush=True)
-                if before == after:
-                    failures.append(f"{name}: the stepper's slider did not move ({before} -> {after})")
+                if calls_widgets(root / "notebooks" / name) and not stopped:
+                    if widgets < 1:
+                        failures.append(f"{name}: no widget view rendered")
+                    else:
+                        before, after, top = move_slider(drv)
+                        drv.save_screenshot(str(out / f"{stem}-widget.png"))
+                        print(f"{name}: the first widget slider went from {before} to {after} (max {top}) under "
+                              "two → presses", flush=True)
+                        if before == after and top not in ("0", "0.0"):  # max 0: one position, nothing to move
+                            failures.append(f"{name}: the first widget slider did not move ({before} -> {after})")
             else:
                 drv.save_screenshot(str(out / f"{stem}.png"))
                 rendered = _count(drv, ".jp-MarkdownCell .jp-RenderedMarkdown")
@@ -295,14 +346,17 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "lab-check",
                         help="where screenshots and the lab log go")
     parser.add_argument("--timeout", type=positive_int, default=900,
-                        help="seconds the tour may take to run (default 900)")
+                        help="seconds each notebook that is run may take (default 900)")
     parser.add_argument("notebooks", nargs="*", help="notebook file names (default: every notebook)")
+    parser.add_argument("--run", action="append", default=[], metavar="NOTEBOOK",
+                        help="also run this notebook (smoke profile) and check its widgets; repeatable "
+                             "(the tour always runs)")
     args = parser.parse_args(argv)
-    for name in args.notebooks:
+    for name in args.notebooks + args.run:
         if not (ROOT / "notebooks" / name).is_file():
             raise UsageError(f"no notebook notebooks/{name}")
     try:
-        return check(args.out, args.timeout, args.notebooks or None)
+        return check(args.out, args.timeout, args.notebooks or None, args.run)
     except RuntimeError as err:  # the lab or the browser did not come up: one line, not a traceback
         print(f"lab-check: {err}", file=sys.stderr)
         return 1

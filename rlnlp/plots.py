@@ -145,6 +145,7 @@ def diagnostics(data, x: str, ys: Sequence[str] | str, *, labels: Sequence[str] 
         if not len(values):
             ax.text(0.5, 0.5, "not logged in this run", transform=ax.transAxes, ha="center", va="center",
                     color="0.4")
+            ax.set(xticks=[], yticks=[])  # no data, no scale to read
         elif values.min() < 0 < values.max():
             ax.axhline(0.0, color="0.5", linewidth=0.8)
         elif values.min() > 0 and values.max() / values.min() >= 10:

@@ -93,8 +93,8 @@ def erl_steps(examples: Sequence[dict]) -> list[dict]:
             "1 · first attempt y1": e["y1"],
             "reward r1": f"{e['r1']:.3g} (below τ: sent to reflection)",
             "2 · feedback f1": e["feedback"] or "(no feedback function)",
-            "3 · reflection Δ": e["reflection"] or "(no reflection generated)",
-            "4 · retry y2 (from x and Δ)": e["y2"],
+            "3 · reflection Δ": e["reflection"] or "(none: the retry read y1 and f1 directly)",
+            "4 · retry y2": e["y2"],
             "reward r2": f"{e['r2']:.3g} ({'+' if gain > 0 else ''}{gain:.3g} vs r1: "
                          f"{'improved' if gain > 0 else 'not improved'})",
             "feedback on y2": e.get("feedback2", "") or "—",

@@ -164,20 +164,42 @@ def _prompts(drv) -> list[str]:
     return [p.text.strip() for p in drv.find_elements(By.CSS_SELECTOR, CURRENT + ".jp-CodeCell .jp-InputArea-prompt")]
 
 
-def run_all(drv, timeout: float) -> list[str]:
-    """Run > Run All Cells (the command runmenu:run-all), then wait until no prompt shows [*]: every cell ran, or
-    execution stopped at an error (the cells after it stay unrun). Returns what went wrong: the cells that never
-    ran, or that it was still running after ``timeout`` seconds."""
-    from selenium.common.exceptions import TimeoutException
+def _click_run_all(drv) -> None:
+    """Run > Run All Cells (the command runmenu:run-all), the notebook in front focused first."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
+    drv.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)  # close a menu a previous try left open
+    prompts = drv.find_elements(By.CSS_SELECTOR, CURRENT + ".jp-CodeCell .jp-InputArea-prompt")
+    if prompts:
+        drv.execute_script("arguments[0].scrollIntoView({block: 'center'});", prompts[0])
+        prompts[0].click()
     menu = next(e for e in drv.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-item") if e.text.strip() == "Run")
     menu.click()
     item = "li.lm-Menu-item[data-command='runmenu:run-all']"  # the open menu lives outside the notebook panel
     WebDriverWait(drv, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, item))
     drv.find_element(By.CSS_SELECTOR, item).click()
-    time.sleep(3)
+
+
+def run_all(drv, timeout: float, tries: int = 3) -> list[str]:
+    """Run All Cells, then wait until no prompt shows [*]: every cell ran, or execution stopped at an error (the
+    cells after it stay unrun). A click that starts nothing within 30 s (it happens: the kernel not yet taking
+    requests) is repeated, up to ``tries`` times. Returns what went wrong: execution that never started, the cells
+    that never ran, or that it was still running after ``timeout`` seconds."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    started = lambda d: any(p == "[*]:" or p[1:2].isdigit() for p in _prompts(d))  # queued, running or ran
+    for attempt in range(1, tries + 1):
+        _click_run_all(drv)
+        try:
+            WebDriverWait(drv, 30, poll_frequency=1).until(started)
+            break
+        except TimeoutException:
+            print(f"Run All Cells started nothing within 30 s (try {attempt} of {tries})", flush=True)
+    else:
+        return [f"Run All Cells started no cell in {tries} tries"]
     try:
         WebDriverWait(drv, timeout, poll_frequency=2).until(lambda d: (p := _prompts(d)) and "[*]:" not in p)
     except TimeoutException:

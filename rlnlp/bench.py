@@ -10,7 +10,7 @@
     erl-zone  where a feedback task sits for ERL: first attempts, group variance, retries with feedback
               (rlnlp.erl.compare.zone_main)
 
-Run them on an idle machine (``/work/bin/cpuslot --both python -m rlnlp.bench sampler`` here) and
+Run them on an idle machine (nothing else on the cores) and
 quote the date, the machine and the thread count with the numbers.
 """
 from __future__ import annotations

@@ -166,6 +166,19 @@ def test_config_rejects_bad_values_and_unsupported_generation_options():
             check(ERLConfig(**bad, **kw))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rule: a GPU keeps TRL's own")
+def test_config_follows_the_workbook_precision_on_a_cpu(monkeypatch):
+    """bf16 left unset on a CPU: TRL autocasts to bf16 exactly where rlnlp.runtime.precision() says bf16 (its
+    ``RLNLP_DTYPE`` override included), for the bare config and the presets; an explicit value wins. Mutation seen
+    to fail: the old fixed ``bf16=False``."""
+    for name, want in (("bf16", True), ("fp32", False)):
+        monkeypatch.setenv("RLNLP_DTYPE", name)
+        assert ERLConfig(output_dir="/tmp/x").bf16 is want and ERLConfig.smoke().bf16 is want
+        assert ERLConfig(output_dir="/tmp/x").use_cpu
+    monkeypatch.setenv("RLNLP_DTYPE", "bf16")
+    assert ERLConfig(output_dir="/tmp/x", bf16=False).bf16 is False
+
+
 def test_erl_fields_carry_help_and_check_themselves():
     """TRL's HfArgumentParser shows ERL's options with their help and parses them (``--tasks a b`` → a tuple of
     names); a bad value of ERL's own is one ValueError naming the field, also after an in-place change

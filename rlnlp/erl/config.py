@@ -57,13 +57,22 @@ _RULES = {
 """What each of ERL's own fields allows (TRL checks its own); a bad value is one ValueError naming the field."""
 
 
+def _cpu_bf16() -> bool:
+    """Whether TRL should autocast to bf16 on this CPU (``RLNLP_DTYPE`` or the CPU's native bf16)."""
+    from ..runtime import precision
+
+    return precision(torch.device("cpu"))[0] == "bf16"
+
+
 @dataclass
 class ERLConfig(GRPOConfig):
     """Every ``GRPOConfig`` option plus ERL's. Presets: ``.smoke()`` (mechanics), ``.cpu()`` (learning on a
     2-core CPU), ``.full()`` (one GPU).
 
-    On a machine without CUDA, leaving ``bf16`` unset gives fp32 on the CPU (TRL would default to
-    bf16 and refuse to start), so the seed README's quick start runs unchanged here. The presets use a
+    On a machine without CUDA, leaving ``bf16`` unset runs on the CPU in the workbook's precision
+    (``rlnlp.runtime.precision``): bf16 where the CPU has it natively, else fp32. TRL passes ``bf16`` to
+    accelerate as mixed precision, which on a CPU is ``torch.autocast("cpu", bfloat16)``: fp32 master weights
+    and optimizer state, bf16 matmuls — the same rule as the rest of the workbook. The presets use a
     constant learning rate so that the GRPO baseline, which may run more steps in ERL's wall-clock
     budget, follows the same schedule at equal steps.
     """
@@ -145,7 +154,7 @@ class ERLConfig(GRPOConfig):
 
     def __post_init__(self):
         if self.bf16 is None and not self.fp16 and not torch.cuda.is_available():
-            self.bf16, self.use_cpu = False, True
+            self.bf16, self.use_cpu = _cpu_bf16(), True
         if self.ddp_backend is not None and "LOCAL_RANK" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
             self.ddp_backend = None  # a plain `python script.py`: no process group to join (accelerate would fail)
         super().__post_init__()
@@ -176,7 +185,7 @@ class ERLConfig(GRPOConfig):
                     save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
                     gradient_checkpointing=False)
         if not torch.cuda.is_available():
-            base.update(use_cpu=True, bf16=False)
+            base.update(use_cpu=True, bf16=_cpu_bf16())
         return cls(**{**base, **kw})
 
     @classmethod

@@ -121,7 +121,7 @@ def train_run(cfg: ERLConfig, method: str = "erl", *, eval_rows: Sequence[dict] 
         setattr(cfg, key, value)
     cfg.check()  # setattr skips __post_init__: a bad override fails here, not mid-run
     seed_everything(cfg.seed)
-    model, tokenizer = load_policy(dtype=torch.float32)  # fp32 master weights; bf16 autocast on a GPU via cfg
+    model, tokenizer = load_policy(dtype=torch.float32)  # fp32 master weights; bf16 autocast via cfg.bf16
     max_new = eval_max_new_tokens or cfg.max_completion_length
     eval_fn = lambda m: {k: v for k, v in evaluate(m, tokenizer, eval_rows, max_new).items() if k != "answers"}
     ref: list = []

@@ -87,3 +87,41 @@ class GradientsAveragedByHand:
         if self.accelerator.sync_gradients:  # the last micro-batch of the window: before clipping and the step
             average_gradients(model.module.parameters())
         return loss
+
+
+class Ranks:
+    """This process's place among ``accelerator``'s processes, for loops that split their own work (ArCHer): its
+    block of a list, every process's items gathered in rank order, gradients averaged. Without an accelerator, or
+    in one process, it is rank 0 of 1 and every method is the identity."""
+
+    SEED_STRIDE = 1_000_003
+    """Added once per rank to a sampling seed, so that processes draw different random numbers (0 on rank 0)."""
+
+    def __init__(self, accelerator=None):
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.world = accelerator.num_processes if accelerator is not None else 1
+        self.main = self.rank == 0
+        # what a gradient step calls between backward and clipping (None in one process)
+        self.average_gradients = average_gradients if self.world > 1 else None
+
+    def share(self, items):
+        """This process's contiguous block of ``items`` (a list or tensor); blocks differ by at most one item, the
+        longer ones first, so the blocks gathered in rank order are ``items`` again."""
+        if self.world == 1:
+            return items
+        base, extra = divmod(len(items), self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return items[start : start + base + (self.rank < extra)]
+
+    def gather(self, items: list) -> list:
+        """Every process's list, concatenated in rank order."""
+        return gather_in_rank_order(self.accelerator, items) if self.world > 1 else list(items)
+
+    def gather_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Every process's rows of ``x`` (the same number on every process), concatenated in rank order."""
+        return gather(x.to(self.accelerator.device)).to(x.device) if self.world > 1 else x
+
+    def counts(self, n: int) -> list[int]:
+        """Every process's ``n``, in rank order."""
+        return gather_counts(self.accelerator, n) if self.world > 1 else [n]

@@ -119,12 +119,19 @@ class ReplayBuffer:
 
 
 class Collector:
-    """N environments stepped together with auto-reset; keeps each running episode and every finished one."""
+    """N environments stepped together with auto-reset; keeps each running episode and every finished one.
 
-    def __init__(self, make, n: int, seed: int):
+    With ``ranks`` (several processes, ``rlnlp.distributed.Ranks``) this process holds its block of the
+    ``n × ranks.world`` environments, and reset seeds are handed out in the order one process would use: the
+    environments' global order, every process's resets counted at each step; ``env_steps`` counts every process."""
+
+    def __init__(self, make, n: int, seed: int, ranks=None):
         self.envs = [make() for _ in range(n)]
-        self.next_seed = seed
+        self.ranks = ranks if ranks is not None and ranks.world > 1 else None
+        self.next_seed = seed + (self.ranks.rank * n if self.ranks else 0)
         self.obs = [self._reset(e) for e in self.envs]
+        if self.ranks:
+            self.next_seed = seed + self.ranks.world * n
         self.running = [Episode(observations=[o]) for o in self.obs]
         self.finished: list[Episode] = []
         self.env_steps = 0
@@ -134,7 +141,7 @@ class Collector:
         return env.reset(self.next_seed - 1)
 
     def step(self, actions: list[str]) -> list[Transition]:
-        out = []
+        out, ended = [], []
         for i, (env, a) in enumerate(zip(self.envs, actions)):
             obs2, r, done, info = env.step(a)
             ep = self.running[i]
@@ -146,10 +153,20 @@ class Collector:
             if done:
                 ep.done = True
                 self.finished.append(ep)
-                obs2 = self._reset(env)
-                self.running[i] = Episode(observations=[obs2])
+                if self.ranks:  # reset below, once every process's count of ended episodes is known
+                    ended.append(i)
+                else:
+                    obs2 = self._reset(env)
+                    self.running[i] = Episode(observations=[obs2])
             self.obs[i] = obs2
-        self.env_steps += len(actions)
+        if self.ranks:
+            counts = self.ranks.counts(len(ended))
+            total, self.next_seed = self.next_seed + sum(counts), self.next_seed + sum(counts[: self.ranks.rank])
+            for i in ended:
+                self.obs[i] = self._reset(self.envs[i])
+                self.running[i] = Episode(observations=[self.obs[i]])
+            self.next_seed = total
+        self.env_steps += len(actions) * (self.ranks.world if self.ranks else 1)
         return out
 
     def state_dict(self) -> dict:

@@ -51,13 +51,15 @@ def old_logprobs(model, u: Utterances, cfg: ArcherConfig) -> torch.Tensor:
 
 
 def policy_step(model, opt, u: Utterances, advantages: torch.Tensor, cfg: ArcherConfig, loss_kind: str,
-                rows: list[int] | None = None) -> dict:
+                rows: list[int] | None = None, sync=None) -> dict:
     """ONE optimiser step on ``rows`` of ``u`` (all by default), in chunks of train_batch with gradient accumulation.
 
     reinforce:  L = −mean_b(A_b · Σ_t log π(a_bt))
     ppo:        L = −mean_bt(min(ρ_bt·A_b, clip(ρ_bt, 1 ± ε)·A_b)),  ρ = π / π_old (π_old: ``old_logprobs``, taken
                 on the first step over ``u``, before any update)
     both:       + β · mean_bt(k3(π ‖ π_ref))  when kl_coef > 0
+
+    ``sync(parameters)`` runs between the backward passes and the clipping (several processes: the gradient average).
     """
     rows = list(range(len(u.texts))) if rows is None else rows
     if loss_kind == "ppo" and u.old_logprobs is None:
@@ -75,19 +77,21 @@ def policy_step(model, opt, u: Utterances, advantages: torch.Tensor, cfg: Archer
         (loss * (sl.stop - sl.start) / B).backward()
         for k, v in st.items():
             sums[k] = sums.get(k, 0.0) + v * (sl.stop - sl.start) / B
+    if sync is not None:
+        sync(model.parameters())
     sums["stats/grad_norm"] = float(nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                              cfg.grad_clip))
     opt.step()
     return sums
 
 
-def actor_step(model, opt, u: Utterances, advantages: torch.Tensor, cfg: ArcherConfig) -> dict:
+def actor_step(model, opt, u: Utterances, advantages: torch.Tensor, cfg: ArcherConfig, sync=None) -> dict:
     """ArCHer's actor update on fresh utterances with one advantage per utterance (B,): one REINFORCE step,
-    or ppo_epochs PPO-clip steps over the whole batch (actor_loss == "ppo")."""
+    or ppo_epochs PPO-clip steps over the whole batch (actor_loss == "ppo"); ``sync``: see ``policy_step``."""
     steps = cfg.ppo_epochs if cfg.actor_loss == "ppo" else 1
     stats = {}
     for _ in range(steps):
-        stats = policy_step(model, opt, u, advantages, cfg, cfg.actor_loss)
+        stats = policy_step(model, opt, u, advantages, cfg, cfg.actor_loss, sync=sync)
     return stats
 
 

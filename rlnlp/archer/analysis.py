@@ -7,6 +7,7 @@ import random
 import numpy as np
 
 from .. import plots
+from ..distributed import Ranks
 from ..envs.base import Episode
 from ..models import TextEncoder
 from ..stats import binned_rate
@@ -17,16 +18,23 @@ from .runs import Run
 
 
 def evaluate(model, tokenizer, cfg: ArcherConfig, episodes: int | None = None, seed: int = 10_000,
-             encoder: TextEncoder | None = None, make=None, temperature: float | None = None) -> dict:
+             encoder: TextEncoder | None = None, make=None, temperature: float | None = None,
+             accelerator=None) -> dict:
     """Play the fixed evaluation episodes: start i is ``reset(seed + i)`` and turn t samples with seed
     ``seed + 31 t`` — the SAME episodes for every policy, so scores pair up episode by episode.
 
     Returns per-episode arrays ``success`` (0/1) and ``returns``, their means, the starts and the trajectories.
+    With an ``accelerate.Accelerator`` of several processes, each plays its block of the starts (its sampling seed
+    offset by its rank) and every process returns all of them, in the order of the starts.
     """
     episodes = episodes or cfg.eval_episodes
     make = make or env_factory(cfg, tokenizer, encoder or TextEncoder(max_length=cfg.critic_max_length))
     starts = [seed + i for i in range(episodes)]
-    eps, _, _ = play(model, tokenizer, cfg, make, starts, seed=seed, temperature=temperature)
+    ranks = Ranks(accelerator)
+    mine = ranks.share(starts)
+    eps = play(model, tokenizer, cfg, make, mine, seed=seed + Ranks.SEED_STRIDE * ranks.rank,
+               temperature=temperature)[0] if mine else []
+    eps = ranks.gather(eps)
     returns = np.array([ep.total_reward for ep in eps])
     success = np.array([float(bool(ep.infos[-1].get("success"))) if ep.infos else 0.0 for ep in eps])
     return {"success": success, "returns": returns, "success_rate": float(success.mean()),

@@ -63,8 +63,10 @@ def hard_update(target: nn.Module, online: nn.Module) -> None:
 class Critic:
     """The frozen MiniLM encoder + online and target ``DoubleCritic`` + its optimiser and target schedule."""
 
-    def __init__(self, cfg: ArcherConfig, encoder: TextEncoder, special_tokens: list[str] = (), device=None):
+    def __init__(self, cfg: ArcherConfig, encoder: TextEncoder, special_tokens: list[str] = (), device=None,
+                 sync=None):
         self.cfg, self.encoder = cfg, encoder
+        self.sync = sync  # sync(parameters) between backward and clipping: several processes average gradients there
         self.device = torch.device(device) if device is not None else default_device()
         self.net = DoubleCritic(encoder.dim, cfg.critic_hidden).to(self.device)
         self.target = copy.deepcopy(self.net).requires_grad_(False)
@@ -124,10 +126,13 @@ class Critic:
                       "stats/q_target_mean": y1.mean().item()}
 
     def update(self, batch: list[Transition], fresh_obs: list[str], fresh_actions: list[str]) -> dict:
-        """One gradient step, then the target update the config asks for."""
+        """One gradient step (gradients through ``sync`` first, if given), then the target update the config asks
+        for."""
         loss, stats = self.loss(batch, fresh_obs, fresh_actions)
         self.opt.zero_grad()
         loss.backward()
+        if self.sync is not None:
+            self.sync(self.net.parameters())
         nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.steps += 1
@@ -152,12 +157,17 @@ class Critic:
 
 
 def critic_phase(critic: Critic, buffer: ReplayBuffer, fresh_obs: list[str], fresh_actions: list[str],
-                 cfg: ArcherConfig) -> dict:
+                 cfg: ArcherConfig, ranks=None) -> dict:
     """ArCHer's critic step of one iteration: critic_steps updates, each on a fresh replay batch (L_Q)
-    and on this iteration's (s, a′) pairs (L_V). ``losses/critic_first``: the loss before the first step."""
+    and on this iteration's (s, a′) pairs (L_V). ``losses/critic_first``: the loss before the first step.
+
+    Several processes (``ranks``): the buffer and its sampler are the same on every process, so each draws the same
+    replay batch and trains on its block of it, with its own block of the (s, a′) pairs, and the gradients are
+    averaged (the critic's ``sync``): one process's step on the whole batch. The losses reported are this process's."""
     first, stats = None, {}
+    share = ranks.share if ranks is not None else (lambda items: items)
     for _ in range(cfg.critic_steps):
-        stats = critic.update(buffer.sample(cfg.critic_batch), fresh_obs, fresh_actions)
+        stats = critic.update(share(buffer.sample(cfg.critic_batch)), fresh_obs, fresh_actions)
         first = stats["losses/critic"] if first is None else first
     stats["losses/critic_first"] = first
     return stats

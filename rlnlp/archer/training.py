@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import random
 import time
+from functools import partial
 
 import torch
 
+from ..distributed import Ranks
 from ..envs.base import Episode
 from ..models import TextEncoder, attach_lora, load_policy
 from ..runtime import seed_everything
@@ -44,7 +46,7 @@ def _log_episodes(tracker: Tracker, episodes: list[Episode], ends: list[int], gr
 # ---- ArCHer ----------------------------------------------------------------------------------------------
 
 def train_archer(cfg: ArcherConfig, name: str = "archer", encoder: TextEncoder | None = None,
-                 resume: bool = False) -> Run:
+                 resume: bool = False, accelerator=None) -> Run:
     """ArCHer. Each iteration:
 
     1. one utterance per environment (num_envs env samples), and for fresh_batch buffer states a fresh
@@ -52,55 +54,75 @@ def train_archer(cfg: ArcherConfig, name: str = "archer", encoder: TextEncoder |
     2. critic_phase: critic_steps updates of L_Q (replay) + L_V (the a′);
     3. after warm-up, one actor step on the a″ with A = min Q − min V from the ONLINE critic (after its
        update): the advantage is computed on utterances the V step did not fit.
+
+    With an ``accelerate.Accelerator`` of several processes (``torchrun``), each process steps its block of the
+    num_envs environments and samples for its block of the fresh_batch states; the transitions of every process go
+    into every process's buffer in rank order (so buffers and their samplers stay the same everywhere), the
+    advantages are normalised over every process's a″, critic and actor gradients are averaged, and process 0
+    writes the run folder (the others log under it, in rank<k>/). One process: as without an accelerator.
     """
     start = time.time()
+    ranks = Ranks(accelerator)
+    if ranks.world > 1:
+        uneven = [f for f in ("num_envs", "fresh_batch", "critic_batch") if getattr(cfg, f) % ranks.world]
+        if uneven:
+            raise UsageError(f"{', '.join(uneven)} must be multiples of the {ranks.world} processes")
+        if resume:
+            raise UsageError("--resume runs in one process (each process's environments are not checkpointed)")
     model, tokenizer, opt, encoder, make = setup(cfg, encoder)
-    critic = Critic(cfg, encoder, special_tokens=list(tokenizer.all_special_tokens))
+    critic = Critic(cfg, encoder, special_tokens=list(tokenizer.all_special_tokens), sync=ranks.average_gradients)
+    # several processes: the actor's gradients averaged between the backward passes and the clipping
+    update_actor = actor_step if ranks.world == 1 else partial(actor_step, sync=ranks.average_gradients)
     buffer = ReplayBuffer(cfg.buffer_size, seed=cfg.seed)
-    run = Run(name, "archer", cfg, Tracker(name, config=cfg), model, tokenizer, make(), critic)
-    col = Collector(make, cfg.num_envs, seed=cfg.seed * 100_000)
+    tracker = Tracker(name, config=cfg) if ranks.main else Tracker(f"{name}/rank{ranks.rank}")
+    run = Run(name, "archer", cfg, tracker, model, tokenizer, make(), critic)
+    col = Collector(make, cfg.num_envs // ranks.world, seed=cfg.seed * 100_000, ranks=ranks)
     iterations = max(1, cfg.env_steps // cfg.num_envs)
     first_it = 0
     if resume:
         p = _restore(run, opt, run.tracker.dir)
         buffer.load_state_dict(p["buffer"])
+        if p["collector"] is None:
+            raise UsageError(f"{name}: written by several processes, whose environments were not saved: no --resume")
         col.load_state_dict(p["collector"])
         first_it = p["iteration"] + 1
     for it in progress(range(first_it, iterations), desc=f"ArCHer {name}", initial=first_it, total=iterations):
         t0 = time.time()
         trains = it >= cfg.warmup_iters
         # 1. act + fresh a′ (+ a″) in one batched call; buffer states are known before acting
-        fresh_obs = [t.observation for t in buffer.sample(cfg.fresh_batch)] if len(buffer) else list(col.obs)
+        # (several processes: the same states drawn everywhere, each process samples for its block)
+        fresh_obs = (ranks.share([t.observation for t in buffer.sample(cfg.fresh_batch)]) if len(buffer)
+                     else list(col.obs))
         F_ = len(fresh_obs)
         n = len(col.obs)
         u = act(model, tokenizer, run.env, col.obs + fresh_obs + (fresh_obs if trains else []), cfg,
-                seed=cfg.seed * 7919 + it)
-        run.policy_samples += len(u.texts)
+                seed=cfg.seed * 7919 + it + Ranks.SEED_STRIDE * ranks.rank)
+        run.policy_samples += len(u.texts) * ranks.world
         t_act = time.time() - t0
         v_actions = u.texts[n:n + F_]  # a′: L_V's targets
         before = len(col.finished)
-        buffer.add(col.step(u.texts[:n]))
-        done_now = col.finished[before:]
+        buffer.add(ranks.gather(col.step(u.texts[:n])))  # every process's transitions, in rank order
+        done_now = ranks.gather(col.finished[before:])
         run.episodes.extend(done_now)
         run.env_steps = col.env_steps
         _log_episodes(run.tracker, done_now, [col.env_steps] * len(done_now), run.grad_steps,
                       starts=[col.env_steps - cfg.num_envs * len(ep) for ep in done_now])
         # 2. critic
         t1 = time.time()
-        stats = critic_phase(critic, buffer, fresh_obs, v_actions, cfg)
+        stats = critic_phase(critic, buffer, fresh_obs, v_actions, cfg, ranks)
         t_critic, t1 = time.time() - t1, time.time()
         # 3. actor on a″: A = min_j Q_j(s, a″) − min_j V_j(s), online critic, no gradient into it
         if trains:
             fresh = _rows(u, slice(n + F_, n + 2 * F_))
             vals = critic.values(fresh.observations, fresh.texts)
-            advantage = vals["q"] - vals["v"]  # (F,)
+            advantage = ranks.gather_tensor(vals["q"] - vals["v"])  # (F,), every process's a″
             stats["stats/advantage_std"] = advantage.std().item() if len(advantage) > 1 else 0.0
             stats["stats/advantage_mean"] = advantage.mean().item()
             if cfg.center_advantage and len(advantage) > 1:
                 advantage = advantage - advantage.mean()
             if cfg.normalize_advantage and len(advantage) > 1:
                 advantage = advantage / (advantage.std() + 1e-8)
-            stats |= actor_step(model, opt, fresh, advantage, cfg)
+            stats |= update_actor(model, opt, fresh, ranks.share(advantage), cfg)
             run.grad_steps += cfg.ppo_epochs if cfg.actor_loss == "ppo" else 1
         # where an iteration's time goes: sampling (acting, a′, a″), the critic's steps, the actor's update
         stats |= {"time/act_s": t_act, "time/critic_s": t_critic, "time/actor_s": time.time() - t1}
@@ -109,9 +131,10 @@ def train_archer(cfg: ArcherConfig, name: str = "archer", encoder: TextEncoder |
                                         "charts/grad_steps": run.grad_steps, "charts/actor_trains": float(trains),
                                         "time/iteration_s": time.time() - t0, **stats})
         last = it == iterations - 1
-        if last or (cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0):
+        if ranks.main and (last or (cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0)):
             save_checkpoint(run, "latest", opt, {"iteration": it, "buffer": buffer.state_dict(),
-                                                 "collector": col.state_dict()}, complete=last)
+                                                 "collector": col.state_dict() if ranks.world == 1 else None},
+                            complete=last)
     run.wall_s = run.wall_s or time.time() - start
     return run
 

@@ -158,10 +158,13 @@ def diagnostics(data, x: str, ys: Sequence[str] | str, *, labels: Sequence[str] 
 
 def heatmap(matrix, *, title: str = "", xlabel: str = "", ylabel: str = "", xticklabels=None, yticklabels=None,
             cbar_label: str = "", annotate: bool | None = None, marks: Sequence[tuple[int, int]] | None = None,
-            cmap: str = "viridis", vmin=None, vmax=None, ax=None, fmt: str = ".2g"):
-    """A labelled heatmap; ``marks`` outlines cells (row, col), e.g. the key chosen at each step."""
+            cmap: str = "viridis", vmin=None, vmax=None, ax=None, fmt: str = ".2g",
+            cell_text: Sequence[Sequence[str]] | None = None):
+    """A labelled heatmap; ``marks`` outlines cells (row, col), e.g. the key chosen at each step; ``cell_text``
+    (rows × columns of strings) is written under each cell's value, e.g. the candidate a value belongs to."""
     m = np.asarray(matrix, dtype=float)
-    fig, ax = _axes(ax, figsize=(max(4.0, 0.5 * m.shape[1] + 2), max(3.0, 0.4 * m.shape[0] + 1.5)))
+    wide, tall = (1.4, 0.6) if cell_text is not None else (0.5, 0.4)
+    fig, ax = _axes(ax, figsize=(max(4.0, wide * m.shape[1] + 2), max(3.0, tall * m.shape[0] + 1.5)))
     im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     cb = fig.colorbar(im, ax=ax)
     cb.set_label(cbar_label)
@@ -170,8 +173,9 @@ def heatmap(matrix, *, title: str = "", xlabel: str = "", ylabel: str = "", xtic
     if annotate:
         for (i, j), v in np.ndenumerate(m):
             if np.isfinite(v):
-                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
-                        color="white" if im.norm(v) < 0.5 else "black")
+                extra = cell_text[i][j] if cell_text is not None and cell_text[i][j] else ""
+                ax.text(j, i, format(v, fmt) + (f"\n{extra}" if extra else ""), ha="center", va="center",
+                        fontsize=7 if not extra else 6, color="white" if im.norm(v) < 0.5 else "black")
     for (i, j) in marks or []:
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     if xticklabels is None and m.shape[1] <= 20:  # integer ticks, not matplotlib's half-integers

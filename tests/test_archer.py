@@ -265,6 +265,25 @@ def test_critic_fits_a_tiny_problem():
     assert last["losses/q"] < 0.05 * first and abs(q[0] - 1) < 0.1 and abs(q[1]) < 0.1
 
 
+@pytest.mark.parametrize("mode", ["separate", "joint"])
+def test_critic_input_joint_reads_state_and_utterance_together(mode, monkeypatch):
+    """Q's second input: the utterance alone ("separate"), or ONE embedding of the state's text with the utterance
+    ("joint"), in values(), in L_Q's replay batch and in L_V's target on fresh utterances. Mutation seen to fail:
+    embed_actions ignoring critic_input."""
+    cfg = ArcherConfig.smoke(critic_hidden=8, critic_input=mode)
+    critic = Critic(cfg, _FakeEncoder(), device="cpu")
+    seen = []
+    q = critic.net.q
+    monkeypatch.setattr(critic.net, "q", lambda h_s, h_a: (seen.append(h_a.clone()), q(h_s, h_a))[1])
+    monkeypatch.setattr(critic.target, "q", lambda h_s, h_a: (seen.append(h_a.clone()), q(h_s, h_a))[1])
+    critic.values(["aaa", "b"], ["ab", "ab"])
+    critic.update([Transition("aaa", "ab", 0.0, "end", True)], ["b"], ["ab"])
+    want = {"separate": [["ab", "ab"], ["ab"], ["ab"]], "joint": [["aaa → ab", "b → ab"], ["b → ab"], ["aaa → ab"]]}
+    expect = [_FakeEncoder().embed(t) for t in want[mode]]
+    assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(seen, expect))
+    assert torch.equal(seen[0][0], seen[0][1]) == (mode == "separate")  # one utterance, two states
+
+
 def test_polyak_and_hard_target_updates():
     torch.manual_seed(0)
     online, target = DoubleCritic(4, 8), DoubleCritic(4, 8)

@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 
+from rlnlp.cli import UsageError
 from rlnlp.envs.guess_number import GuessNumber, bisect_policy
 
 
@@ -169,6 +170,71 @@ def test_samples_to_target_and_ratios_by_hand():
     assert iv["low"] <= s["ratios"]["ppo"]["mean"] <= iv["high"]
     flat = summarize({"archer": {0: {"x": x, "mean": [0.1] * 4}}}, untrained=0.2, budget=256)
     assert flat["target"] is None and "no method" in flat["note"]
+
+
+def _one_seed_study(seed: int, means: dict, untrained=(0.0, 1.0, 0.0, 0.0), env_steps=256) -> dict:
+    x = [32.0, 96.0, 160.0, 224.0]
+    algos = list(means)
+    return {"task": "guess_number", "seeds": [seed], "algos": algos, "config": {"seed": seed, "env_steps": env_steps},
+            "untrained": {"success": list(untrained), "returns": [-4.0] * 4},
+            "evaluations": {a: {seed: {"success": [float(seed == 1)] * 4, "returns": [-3.0] * 4}} for a in algos},
+            "curves": {a: {seed: {"x": x, "mean": m}} for a, m in means.items()},
+            "grad_steps": {a: {seed: 10} for a in algos}, "env_steps": {a: {seed: env_steps} for a in algos},
+            "train_wall_s": {a: {seed: 5.0} for a in algos}, "wall_s": 60.0, "summary": {}}
+
+
+def test_studies_run_apart_merge_into_the_study_of_all_seeds(tmp_path, capsys):
+    """One process per seed, then --merge: the merged summary equals summarize() over both seeds' curves, every
+    seed's evaluations survive, and studies that do not belong together are refused in one line. Mutation: keeping
+    the first study's summary, or dropping the untrained check, fails here."""
+    from rlnlp.archer import main
+    from rlnlp.archer.compare import load_study, merge_studies, save_study, summarize
+
+    a = _one_seed_study(0, {"archer": [0.1, 0.5, 0.6, 0.7], "ppo": [0.1, 0.2, 0.3, 0.5]})
+    b = _one_seed_study(1, {"archer": [0.1, 0.2, 0.5, 0.6], "ppo": [0.1, 0.1, 0.2, 0.2]})
+    m = merge_studies([b, a])
+    assert m["seeds"] == [0, 1] and m["wall_s"] == 120.0
+    assert m["evaluations"]["ppo"][1]["success"] == [1.0] * 4 and m["evaluations"]["ppo"][0]["success"] == [0.0] * 4
+    joint = summarize({k: {0: a["curves"][k][0], 1: b["curves"][k][1]} for k in ("archer", "ppo")}, 0.25, 256)
+    assert m["summary"]["samples"] == joint["samples"] and m["summary"]["target"] == pytest.approx(joint["target"])
+    assert m["summary"]["ratios"]["ppo"]["per_seed"] == joint["ratios"]["ppo"]["per_seed"]
+    for bad, words in ((_one_seed_study(1, {"archer": [0.1] * 4, "ppo": [0.1] * 4}, untrained=(1, 1, 1, 1)),
+                        "untrained"),
+                       (_one_seed_study(1, {"archer": [0.1] * 4, "ppo": [0.1] * 4}, env_steps=512), "config"),
+                       (_one_seed_study(0, {"archer": [0.1] * 4, "ppo": [0.1] * 4}), "more than one study")):
+        with pytest.raises(UsageError, match=words):
+            merge_studies([a, bad])
+    # the baselines of one study with ArCHer from another: only ArCHer's own knobs may differ
+    arch = _one_seed_study(0, {"archer": [0.1, 0.3, 0.5, 0.6]})
+    arch["config"]["normalize_advantage"] = False
+    base = _one_seed_study(0, {"ppo": [0.1, 0.2, 0.3, 0.5]})
+    base["config"]["normalize_advantage"] = True
+    both = merge_studies([base, arch])
+    assert both["algos"] == ["archer", "ppo"] and both["config"]["normalize_advantage"] is False
+    assert both["curves"]["ppo"][0]["mean"] == [0.1, 0.2, 0.3, 0.5] and both["summary"]["samples"]["archer"][0] == 192.0
+    base["config"]["env_steps"] = 512
+    with pytest.raises(UsageError, match="env_steps differ"):
+        merge_studies([base, arch])
+    with pytest.raises(UsageError, match="ppo does not match"):
+        merge_studies([arch, _one_seed_study(1, {"archer": [0.1] * 4}) | {"config": arch["config"] | {"seed": 1}},
+                       _one_seed_study(0, {"ppo": [0.1] * 4}) | {"config": arch["config"]}])
+    paths = [save_study(st, tmp_path / f"s{st['seeds'][0]}.json") for st in (a, b)]
+    out = tmp_path / "merged.json"
+    assert main(["compare", "--task", "guess_number", "--seeds", "0", "1", "--merge", *map(str, paths),
+                 "--out", str(out), "--profile", "smoke"]) == 0
+    assert load_study(out)["summary"]["samples"] == joint["samples"]
+    # FILE:METHODS takes only those methods of a study: a's baselines with ArCHer from another study
+    other = save_study(_one_seed_study(0, {"archer": [0.1, 0.1, 0.5, 0.6]}), tmp_path / "archer0.json")
+    assert main(["compare", "--task", "guess_number", "--seeds", "0", "--merge", f"{paths[0]}:ppo", str(other),
+                 "--out", str(out), "--profile", "smoke"]) == 0
+    got = load_study(out)
+    assert got["curves"]["archer"][0]["mean"] == [0.1, 0.1, 0.5, 0.6] and got["curves"]["ppo"] == a["curves"]["ppo"]
+    assert main(["compare", "--task", "guess_number", "--seeds", "0", "--merge", f"{paths[0]}:grpo", str(other),
+                 "--out", str(out), "--profile", "smoke"]) == 2
+    assert "not grpo" in capsys.readouterr().err
+    assert main(["compare", "--task", "guess_number", "--seeds", "0", "2", "--merge", *map(str, paths),
+                 "--out", str(out), "--profile", "smoke"]) == 2
+    assert "not guess_number at [0, 2]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -337,3 +403,15 @@ def test_training_curves_bin_episodes_by_their_start():
     assert list(episode_starts(base, 2)) == [0.0, 0.0, 4.0, 4.0]
     logged = archer.assign(**{"charts/episode_start": [np.nan, 0.0, np.nan, 0.0]})
     assert list(episode_starts(logged, 2)) == [0.0, 0.0]
+
+
+def test_training_curve_of_a_run_too_short_for_any_episode_to_end():
+    """A budget shorter than one episode (possible with 4-turn games): an empty curve, not a KeyError."""
+    import pandas as pd
+
+    from rlnlp.archer import ArcherConfig
+    from rlnlp.archer.compare import start_curve
+
+    df = pd.DataFrame({"charts/env_steps": [8.0, 16.0], "charts/iteration": [0, 1], "charts/actor_trains": [0.0, 1.0]})
+    c = start_curve(df, ArcherConfig.smoke(max_turns=4, env_steps=16), bins=2)
+    assert len(c["x"]) == 2 and np.isnan(c["mean"]).all() and (np.asarray(c["n"]) == 0).all()

@@ -111,3 +111,11 @@ def test_losses_are_drawn_as_diagnostics_one_panel_each_with_the_scale_their_val
     assert len(zero_lines(grpo)) == 1 and not zero_lines(kl) and not zero_lines(ce)
     assert len(grpo.get_lines()[0].get_xdata()) == 6 and len(ce.get_lines()[0].get_xdata()) == 5  # NaN skipped
     assert "not logged" in " ".join(t.get_text() for t in never.texts)
+
+
+def test_heatmap_cell_text_names_what_each_value_belongs_to():
+    """A value cell carries its text under the number (the candidate a Q belongs to); cells without text show the
+    number alone. Mutation seen to fail: cell_text ignored."""
+    fig = plots.heatmap([[0.95, 1.02], [0.4, -0.06]], fmt=".2f", cell_text=[["", "Canberra"], ["", "Sydney, not"]])
+    texts = sorted(t.get_text() for t in fig.axes[0].texts)
+    assert texts == ["-0.06\nSydney, not", "0.40", "0.95", "1.02\nCanberra"]

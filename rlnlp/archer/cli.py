@@ -33,6 +33,7 @@ def _cli_train(args) -> int:
         over = {k: v for k, v in dict(dataset=args.dataset, seed=args.seed, env_steps=args.env_steps,
                                       actor_loss=args.actor_loss, target_update=args.target_update,
                                       kl_coef=args.kl_coef, checkpoint_every=args.checkpoint_every,
+                                      actor_updates=args.actor_updates, critic_input=args.critic_input,
                                       number_range=tuple(args.range) if args.range else None,
                                       candidates=tuple(args.candidates) if args.candidates else None,
                                       prefill=args.prefill).items()
@@ -103,6 +104,9 @@ def build_parser() -> Parser:
     tr.add_argument("--actor-loss", choices=("reinforce", "ppo"))
     tr.add_argument("--target-update", choices=("polyak", "hard"))
     tr.add_argument("--kl-coef", type=float)
+    tr.add_argument("--actor-updates", type=positive_int, help="actor steps per iteration after the critic's warm-up")
+    tr.add_argument("--critic-input", choices=("separate", "joint"),
+                    help="Q reads the utterance alone, or the state and the utterance as one text")
     tr.add_argument("--range", type=int, nargs=2, metavar=("LOW", "HIGH"), help="guess_number: the secret's range")
     tr.add_argument("--candidates", nargs="+", help="Twenty Questions: the objects the secret is drawn from")
     tr.add_argument("--prefill", help="multi-turn games: the text each turn starts with ('' for none)")

@@ -1,6 +1,7 @@
 """ArCHer vs token-level PPO vs trajectory-level GRPO on one task, over seeds, at equal environment samples.
 
     python -m rlnlp.archer compare --task guess_number --seeds 0 1 2 [--algos archer ppo grpo] [--profile cpu]
+    python -m rlnlp.archer compare --task guess_number --seeds 0 1 2 --merge s0.json s1.json s2.json  # run apart
 
 For each seed and method: train with the profile's budget (every method gets the same environment
 samples and the same number of actor gradient steps), then play the fixed evaluation episodes — the
@@ -61,6 +62,8 @@ def episode_starts(df, num_envs: int) -> np.ndarray:
     derived — ArCHer's environments step in lockstep (start = end − num_envs × length), a baseline's round
     starts all its episodes at once (start = the env samples before the round's row)."""
     ep = ended_episodes(df)
+    if not len(ep):  # a run too short for any episode to end
+        return np.zeros(0)
     if "charts/episode_start" in ep and ep["charts/episode_start"].notna().all():
         return ep["charts/episode_start"].to_numpy(float)
     if "charts/actor_trains" in df:
@@ -79,7 +82,8 @@ def start_curve(df, cfg: ArcherConfig, bins: int = 8, column: str = "charts/succ
     budget where every started episode has ended (0 to env_steps − max_turns × num_envs)."""
     ep = ended_episodes(df, "charts/episode_return")
     hi = max(cfg.env_steps - cfg.max_turns * cfg.num_envs, cfg.num_envs)
-    return binned_rate(episode_starts(df, cfg.num_envs), ep[column].to_numpy(float), np.linspace(0, hi, bins + 1))
+    values = ep[column].to_numpy(float) if len(ep) else np.zeros(0)
+    return binned_rate(episode_starts(df, cfg.num_envs), values, np.linspace(0, hi, bins + 1))
 
 
 def samples_to_target(curve: dict, target: float, budget: float) -> tuple[float, bool]:
@@ -136,7 +140,8 @@ def plot_study(curves: dict, budget: float, task: str, baselines: dict | None = 
         ax.fill_between(x, np.nanmin(ys, 0), np.nanmax(ys, 0), color=line.get_color(), alpha=0.2, linewidth=0)
     plots._baselines(ax, baselines)
     ax.set(title=f"{task}: training success vs environment samples (band: lowest to highest seed)",
-           xlabel="environment samples (utterances)", ylabel="success rate of the episodes ending there")
+           xlabel="environment samples at the episodes' start (utterances)",
+           ylabel="success rate of the training episodes")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -183,6 +188,71 @@ def run_study(cfg: ArcherConfig, task: str, seeds: list[int], algos: list[str] =
     if results is not None:
         record(study, results)
     return study
+
+
+ARCHER_ONLY = ("normalize_advantage", "center_advantage", "critic_input", "critic_hidden", "critic_lr", "critic_batch",
+               "critic_steps", "fresh_batch", "buffer_size", "target_update", "tau", "hard_update_every",
+               "warmup_iters", "gamma", "critic_max_length")
+"""Config fields only ArCHer reads (the baselines' budget, gradient steps and losses do not depend on them)."""
+
+
+def select_methods(study: dict, algos: list[str]) -> dict:
+    """The study with only some of its methods (e.g. a study's baselines, to merge with ArCHer from another)."""
+    missing = [a for a in algos if a not in study["algos"]]
+    if missing:
+        raise UsageError(f"the study holds {', '.join(study['algos'])}, not {', '.join(missing)}")
+    out = dict(study, algos=[a for a in study["algos"] if a in algos])
+    for key in ("evaluations", "curves", "grad_steps", "env_steps", "train_wall_s"):
+        out[key] = {a: v for a, v in study[key].items() if a in algos}
+    return out
+
+
+def merge_studies(studies: list[dict]) -> dict:
+    """One study from several run apart: one process per seed, or the baselines of one study with ArCHer from
+    another. The same task and untrained evaluation; configs equal but for the seed (and, for a study without
+    ArCHer, the fields in ``ARCHER_ONLY``); each (method, seed) from one study only; every method at every seed.
+    The merged config is that of the studies holding ArCHer; the summary is recomputed over all seeds."""
+    if not studies:
+        raise UsageError("merge needs at least one study")
+    first = studies[0]
+    with_archer = [st for st in studies if "archer" in st["algos"]]
+    if not with_archer:
+        raise UsageError("the studies to merge hold no ArCHer runs")
+    ref = with_archer[0]
+
+    def differ(st: dict) -> set:
+        return {k for k in ref["config"] if k != "seed" and st["config"].get(k) != ref["config"][k]}
+
+    cells: dict[str, dict] = {}
+    for st in studies:
+        if st["task"] != first["task"]:
+            raise UsageError(f"studies to merge must share the task, got {first['task']} and {st['task']}")
+        extra = differ(st) - (set(ARCHER_ONLY) if "archer" not in st["algos"] else set())
+        if extra:
+            raise UsageError(f"studies to merge must share the config (all but the seed): {', '.join(sorted(extra))} "
+                             "differ")
+        if st["untrained"] != first["untrained"]:
+            raise UsageError("studies to merge must share the untrained policy's evaluation (same episodes, same "
+                             "precision and thread count)")
+        for a in st["algos"]:
+            twice = set(st["seeds"]) & set(cells.get(a, {}))
+            if twice:
+                raise UsageError(f"{a} at seed(s) {sorted(twice)} appears in more than one study")
+            cells.setdefault(a, {}).update({x: st for x in st["seeds"]})
+    seeds = sorted(cells["archer"])
+    gaps = [a for a in cells if sorted(cells[a]) != seeds]
+    if gaps:
+        raise UsageError(f"every method needs every seed {seeds}: {', '.join(gaps)} " + "do" * (len(gaps) > 1)
+                         + "does" * (len(gaps) == 1) + " not match")
+    algos = ["archer"] + [a for a in ALGOS if a in cells and a != "archer"]
+    out = {"task": first["task"], "algos": algos, "config": ref["config"], "untrained": first["untrained"],
+           "seeds": seeds}
+    for key in ("evaluations", "curves", "grad_steps", "env_steps", "train_wall_s"):
+        out[key] = {a: {x: cells[a][x][key][a][x] for x in seeds} for a in algos}
+    out["summary"] = summarize(out["curves"], float(np.mean(first["untrained"]["success"])),
+                               ref["config"]["env_steps"], ref["config"].get("target_return"))
+    out["wall_s"] = sum(st["wall_s"] for st in studies)
+    return out
 
 
 def pooled(study: dict, algo: str, key: str = "success", against: str | None = None):
@@ -255,10 +325,13 @@ def add_compare_parser(sub) -> None:
     cp.add_argument("--episodes", type=positive_int, help="evaluation episodes (the same for every run)")
     cp.add_argument("--bins", type=positive_int, default=3, help="windows of environment samples on the curves")
     cp.add_argument("--out", help="where the study's JSON goes (default: visualizations/<profile>/04-study-TASK.json)")
+    cp.add_argument("--merge", nargs="+", metavar="STUDY.json[:METHOD,...]",
+                    help="train nothing: merge studies run apart (one process per seed; or FILE:ppo,grpo for only "
+                         "those methods of a study) into --out, record its rows and draw its figure")
 
 
 def cli_compare(args) -> int:
-    """Run the study, record its rows in visualizations/results/<profile>/04_recurve_archer_study.json, save the
+    """Run the study, record its rows in visualizations/results/<profile>/04_recurve_archer_study_TASK.json, save the
     study's JSON and its figure, print the per-seed table."""
     from ..runtime import profile
     from .config import TASKS
@@ -275,12 +348,24 @@ def cli_compare(args) -> int:
     from .envs import check_dataset
 
     check_dataset(cfg)
-    res = Results("04_recurve_archer_study", prof=prof)
+    res = Results(f"04_recurve_archer_study_{args.task}", prof=prof)
     folder = plots.visualizations_dir() / (prof if prof != "full" else "")
     out = Path(args.out) if args.out else folder / f"04-study-{args.task}.json"
-    study = run_study(cfg, args.task, args.seeds, algos, bins=args.bins, results=res, prefix=f"compare_{prof}",
-                      save_to=out)
-    fig = plot_study(study["curves"], cfg.env_steps, args.task,
+    if args.merge:
+        parts = [(p.rsplit(":", 1) if ":" in p and not Path(p).is_file() else (p, "")) for p in args.merge]
+        missing = [p for p, _ in parts if not Path(p).is_file()]
+        if missing:
+            raise UsageError(f"no study file at {', '.join(missing)}")
+        study = merge_studies([select_methods(load_study(p), m.split(",")) if m else load_study(p) for p, m in parts])
+        if study["task"] != args.task or sorted(args.seeds) != study["seeds"]:
+            raise UsageError(f"the merged studies hold task {study['task']} at seeds {study['seeds']}, not "
+                             f"{args.task} at {sorted(args.seeds)}")
+        save_study(study, out)
+        record(study, res)
+    else:
+        study = run_study(cfg, args.task, args.seeds, algos, bins=args.bins, results=res, prefix=f"compare_{prof}",
+                          save_to=out)
+    fig = plot_study(study["curves"], study["config"]["env_steps"], args.task,
                      baselines={"untrained policy": float(np.mean(study["untrained"]["success"]))})
     plots.save(fig, f"04-study-{args.task}", prof=prof)
     print(format_study(study))

@@ -28,6 +28,9 @@ TASKS = {
     "twenty_questions": {"dataset": "twenty_questions", "max_turns": 20, "utterance_tokens": 32},
     "twenty_questions_6": {"dataset": "twenty_questions_6", "max_turns": 5, "utterance_tokens": 10},
     "guess_number": {"dataset": "guess_number", "max_turns": 5, "utterance_tokens": 4},
+    # 1..8 in 4 turns: bisection still needs every turn, a random new number wins half the games, and a policy
+    # that names a number every turn and never repeats one already has most of the room to learn
+    "guess_number_8": {"dataset": "guess_number", "number_range": (1, 8), "max_turns": 4, "utterance_tokens": 4},
 }
 ALGOS = ("archer", "ppo", "grpo")
 
@@ -69,6 +72,10 @@ class ArcherConfig:
     """Discount (ArCHer's 0.95)."""
     critic_hidden: int = 512
     """Width of each Q/V MLP (two hidden layers) over 384-d MiniLM embeddings (ArCHer: RoBERTa-base + MLP)."""
+    critic_input: Literal["separate", "joint"] = "separate"
+    """What Q reads besides h_s: "separate" embeds the utterance alone (h_a); "joint" embeds the state's text and
+    the utterance together (one MiniLM pass over both, as ArCHer's critic reads observation and action as one
+    text), so attention can relate the utterance to the history — whether a guess repeats an earlier one."""
     critic_lr: float = 1e-3
     """Adam lr of the critic heads (ArCHer 2e-5 fine-tunes RoBERTa; ours trains only MLPs on frozen features)."""
     critic_batch: int = 128
@@ -89,6 +96,10 @@ class ArcherConfig:
     warmup_iters: int = 4
     """Critic-only iterations before the actor trains (ArCHer warms the critic up too; 10 before, 4 here:
     on capital_choice the critic's loss flattens after ~3 iterations of 32 transitions)."""
+    actor_updates: int = 1
+    """Actor updates per post-warm-up iteration, each on fresh_batch buffer states with a fresh a″ sampled
+    just before it (on-policy for the actor, off-policy in the states). The buffer and the critic let ArCHer
+    take several actor steps per environment sample; the baselines are matched to the same gradient steps."""
     normalize_advantage: bool = True
     """Divide ArCHer's advantages by their batch std (not centred: V already is the baseline), so the actor's
     step has the scale of the baselines', whose returns are normalised (ArCHer's code: raw A; measured on
@@ -167,7 +178,8 @@ class ArcherConfig:
 _RULES = {
     **dict.fromkeys(("seed", "warmup_iters", "checkpoint_every"), INT_AT_LEAST_0),
     **dict.fromkeys(("lora_r", "num_envs", "env_steps", "max_turns", "utterance_tokens", "critic_hidden",
-                     "critic_batch", "critic_steps", "fresh_batch", "buffer_size", "hard_update_every", "ppo_epochs",
+                     "critic_batch", "critic_steps", "fresh_batch", "actor_updates", "buffer_size", "hard_update_every",
+                     "ppo_epochs",
                      "group_size", "train_batch", "eval_episodes", "critic_max_length"), INT_AT_LEAST_1),
     **dict.fromkeys(("lora_alpha", "temperature", "critic_lr", "actor_lr", "ppo_clip", "grad_clip"), POSITIVE),
     **dict.fromkeys(("kl_coef", "oracle_margin"), NON_NEGATIVE),
@@ -188,6 +200,8 @@ def with_task(cfg: ArcherConfig, task: str, **kw) -> ArcherConfig:
 
 
 def archer_actor_steps(cfg: ArcherConfig) -> int:
-    """Actor gradient steps an ArCHer run with ``cfg`` makes: one per post-warm-up iteration (ppo: ppo_epochs)."""
+    """Actor gradient steps an ArCHer run with ``cfg`` makes: actor_updates per post-warm-up iteration (ppo:
+    ppo_epochs each)."""
     iterations = max(1, cfg.env_steps // cfg.num_envs)
-    return max(0, iterations - cfg.warmup_iters) * (cfg.ppo_epochs if cfg.actor_loss == "ppo" else 1)
+    per_update = cfg.ppo_epochs if cfg.actor_loss == "ppo" else 1
+    return max(0, iterations - cfg.warmup_iters) * cfg.actor_updates * per_update

@@ -92,11 +92,18 @@ class Critic:
                 self._embedded.add(t)
         return self.encoder.embed(texts).to(self.device)  # (B, D)
 
+    def embed_actions(self, observations: list[str], actions: list[str]) -> torch.Tensor:
+        """What Q reads of the utterance: its own embedding, or (``critic_input == "joint"``) one embedding of the
+        state's text followed by the utterance."""
+        if self.cfg.critic_input == "joint":
+            return self.embed([f"{o} → {a}" for o, a in zip(observations, actions)], True)
+        return self.embed(actions, False)
+
     @torch.no_grad()
     def values(self, observations: list[str], actions: list[str], target: bool = False) -> dict[str, torch.Tensor]:
         """min_j Q_j(s, a) and min_j V_j(s) (online or target), each (B,) on the CPU."""
         net = self.target if target else self.net
-        h_s, h_a = self.embed(observations, True), self.embed(actions, False)
+        h_s, h_a = self.embed(observations, True), self.embed_actions(observations, actions)
         q1, q2 = net.q(h_s, h_a)
         v1, v2 = net.v(h_s)
         return {"q": torch.minimum(q1, q2).cpu(), "v": torch.minimum(v1, v2).cpu(),
@@ -106,14 +113,14 @@ class Critic:
              fresh_actions: list[str]) -> tuple[torch.Tensor, dict]:
         """L_Q on replay transitions + L_V on (s, a′) pairs with a′ fresh from the current policy."""
         h_s = self.embed([t.observation for t in batch], True)  # (B, D)
-        h_a = self.embed([t.action for t in batch], False)  # (B, D)
+        h_a = self.embed_actions([t.observation for t in batch], [t.action for t in batch])  # (B, D)
         h_s2 = self.embed([t.next_observation for t in batch], True)  # (B, D)
         r = torch.tensor([t.reward for t in batch], device=self.device)
         d = torch.tensor([float(t.done) for t in batch], device=self.device)
         with torch.no_grad():
             y1, y2 = q_targets(r, d, *self.target.v(h_s2), self.cfg.gamma)
             h_f = self.embed(fresh_obs, True)  # (F, D)
-            y_v = v_target(*self.target.q(h_f, self.embed(fresh_actions, False)))
+            y_v = v_target(*self.target.q(h_f, self.embed_actions(fresh_obs, fresh_actions)))
         q1, q2 = self.net.q(h_s, h_a)
         # L_Q = Σ_i MSE(Q_i(s, a), r + γ(1 − d)·V̄_i(s′))
         loss_q = F.mse_loss(q1, y1) + F.mse_loss(q2, y2)

@@ -80,7 +80,18 @@ TASK_BUDGETS = {
                                   center_advantage=True, eval_episodes=128),
     ("cpu", "twenty_questions_6"): dict(num_envs=16, env_steps=256, fresh_batch=16, warmup_iters=6, critic_steps=40,
                                         center_advantage=True, eval_episodes=128),
+    # 1..8 in 4 turns on the CPU: 512 env samples, four actor steps per iteration on buffer states (the critic and
+    # the buffer make these free in environment samples), a critic that reads state and guess together (it can
+    # see a repeated guess), a KL to the untrained policy, and RAW advantages: divided by their batch std, the
+    # critic's small and noisy differences became full-size steps and the actor collapsed onto out-of-range guesses
+    # the critic overrated (three seeds, success 0); raw, the step shrinks when the critic has little to say
+    ("cpu", "guess_number_8"): dict(num_envs=16, env_steps=512, fresh_batch=16, warmup_iters=6, critic_steps=40,
+                                    center_advantage=True, normalize_advantage=False, eval_episodes=128,
+                                    actor_updates=4, critic_input="joint", kl_coef=0.1),
     ("smoke", "guess_number"): dict(center_advantage=True),
+    # smoke: 5 iterations of 8 environments, so that 4-turn episodes end within the budget
+    ("smoke", "guess_number_8"): dict(center_advantage=True, normalize_advantage=False, critic_input="joint",
+                                      kl_coef=0.1, env_steps=40, actor_updates=2),
     ("smoke", "twenty_questions_6"): dict(center_advantage=True),
     # The 20-turn game on one GPU: whole episodes need 20 turns and a ~600-token history per turn; 128
     # environments and 20 critic-only iterations as in ArCHer's reference.

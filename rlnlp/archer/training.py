@@ -52,8 +52,9 @@ def train_archer(cfg: ArcherConfig, name: str = "archer", encoder: TextEncoder |
     1. one utterance per environment (num_envs env samples), and for fresh_batch buffer states a fresh
        a′ (for L_V) and — after warm-up — a second fresh a″ (for the actor), all in ONE sampling call;
     2. critic_phase: critic_steps updates of L_Q (replay) + L_V (the a′);
-    3. after warm-up, one actor step on the a″ with A = min Q − min V from the ONLINE critic (after its
-       update): the advantage is computed on utterances the V step did not fit.
+    3. after warm-up, actor_updates actor steps, the first on the a″ with A = min Q − min V from the ONLINE
+       critic (after its update): the advantage is computed on utterances the V step did not fit; each later
+       step on other buffer states with a″ sampled just before it.
 
     With an ``accelerate.Accelerator`` of several processes (``torchrun``), each process steps its block of the
     num_envs environments and samples for its block of the fresh_batch states; the transitions of every process go
@@ -113,17 +114,24 @@ def train_archer(cfg: ArcherConfig, name: str = "archer", encoder: TextEncoder |
         t_critic, t1 = time.time() - t1, time.time()
         # 3. actor on a″: A = min_j Q_j(s, a″) − min_j V_j(s), online critic, no gradient into it
         if trains:
-            fresh = _rows(u, slice(n + F_, n + 2 * F_))
-            vals = critic.values(fresh.observations, fresh.texts)
-            advantage = ranks.gather_tensor(vals["q"] - vals["v"])  # (F,), every process's a″
-            stats["stats/advantage_std"] = advantage.std().item() if len(advantage) > 1 else 0.0
-            stats["stats/advantage_mean"] = advantage.mean().item()
-            if cfg.center_advantage and len(advantage) > 1:
-                advantage = advantage - advantage.mean()
-            if cfg.normalize_advantage and len(advantage) > 1:
-                advantage = advantage / (advantage.std() + 1e-8)
-            stats |= update_actor(model, opt, fresh, ranks.share(advantage), cfg)
-            run.grad_steps += cfg.ppo_epochs if cfg.actor_loss == "ppo" else 1
+            for k in range(cfg.actor_updates):
+                if k == 0:  # the a″ sampled with this iteration's acting
+                    fresh = _rows(u, slice(n + F_, n + 2 * F_))
+                else:  # later updates: other buffer states, a″ from the policy as it is now
+                    fresh = act(model, tokenizer, run.env,
+                                ranks.share([t.observation for t in buffer.sample(cfg.fresh_batch)]),
+                                cfg, seed=cfg.seed * 7919 + it * 1009 + k + Ranks.SEED_STRIDE * ranks.rank)
+                    run.policy_samples += len(fresh.texts) * ranks.world
+                vals = critic.values(fresh.observations, fresh.texts)
+                advantage = ranks.gather_tensor(vals["q"] - vals["v"])  # (F,), every process's a″
+                stats["stats/advantage_std"] = advantage.std().item() if len(advantage) > 1 else 0.0
+                stats["stats/advantage_mean"] = advantage.mean().item()
+                if cfg.center_advantage and len(advantage) > 1:
+                    advantage = advantage - advantage.mean()
+                if cfg.normalize_advantage and len(advantage) > 1:
+                    advantage = advantage / (advantage.std() + 1e-8)
+                stats |= update_actor(model, opt, fresh, ranks.share(advantage), cfg)
+                run.grad_steps += cfg.ppo_epochs if cfg.actor_loss == "ppo" else 1
         # where an iteration's time goes: sampling (acting, a′, a″), the critic's steps, the actor's update
         stats |= {"time/act_s": t_act, "time/critic_s": t_critic, "time/actor_s": time.time() - t1}
         run.wall_s += time.time() - t0

@@ -242,8 +242,8 @@ def merge_studies(studies: list[dict]) -> dict:
     seeds = sorted(cells["archer"])
     gaps = [a for a in cells if sorted(cells[a]) != seeds]
     if gaps:
-        raise UsageError(f"every method needs every seed {seeds}: {', '.join(gaps)} " + "do" * (len(gaps) > 1)
-                         + "does" * (len(gaps) == 1) + " not match")
+        raise UsageError(f"every method needs every seed {seeds}: {', '.join(gaps)} "
+                         f"{'do' if len(gaps) > 1 else 'does'} not match")
     algos = ["archer"] + [a for a in ALGOS if a in cells and a != "archer"]
     out = {"task": first["task"], "algos": algos, "config": ref["config"], "untrained": first["untrained"],
            "seeds": seeds}

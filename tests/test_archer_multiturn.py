@@ -237,6 +237,37 @@ def test_studies_run_apart_merge_into_the_study_of_all_seeds(tmp_path, capsys):
     assert "not guess_number at [0, 2]" in capsys.readouterr().err
 
 
+def test_baselines_run_apart_are_written_for_a_later_merge(tmp_path, capsys, monkeypatch):
+    """--algos without archer and with --out: the baselines are trained and saved, no rows are recorded (they compare
+    with ArCHer) and no ratio is computed; merged with an ArCHer study they give its ratios. Mutation: recording
+    the rows (results passed) or computing ratios without ArCHer fails here."""
+    import rlnlp.archer.compare as compare
+    from rlnlp.archer import main
+    from rlnlp.archer.compare import load_study, save_study, summarize
+
+    calls = []
+
+    def fake_study(cfg, task, seeds, algos, results=None, save_to=None, **kw):
+        calls.append((algos, results))
+        study = _one_seed_study(seeds[0], {"grpo": [0.1, 0.1, 0.2, 0.4]})
+        study["summary"] = summarize(study["curves"], 0.1, 256)
+        save_study(study, save_to)
+        return study
+
+    monkeypatch.setattr(compare, "run_study", fake_study)
+    part = tmp_path / "grpo0.json"
+    assert main(["compare", "--task", "guess_number", "--seeds", "0", "--algos", "grpo", "--out", str(part),
+                 "--profile", "smoke"]) == 0
+    assert calls == [(["grpo"], None)] and "--merge" in capsys.readouterr().out
+    assert load_study(part)["summary"]["ratios"] == {}
+    arch = save_study(_one_seed_study(0, {"archer": [0.1, 0.3, 0.5, 0.6]}), tmp_path / "archer0.json")
+    out = tmp_path / "merged.json"
+    assert main(["compare", "--task", "guess_number", "--seeds", "0", "--merge", str(arch), str(part),
+                 "--out", str(out), "--profile", "smoke"]) == 0
+    merged = load_study(out)
+    assert merged["algos"] == ["archer", "grpo"] and merged["summary"]["ratios"]["grpo"]["per_seed"][0] > 1
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--task", "guess_number", "--seeds", "0", "0"], "seeds must be distinct"),
     (["--task", "guess_number", "--seeds", "-1"], "'-1' is not an integer ≥ 0"),

@@ -42,8 +42,9 @@ from .training import train
 LABELS = {"archer": "ArCHer", "ppo": "token-level PPO", "grpo": "trajectory-level GRPO"}
 
 
-def check_compare_args(seeds, algos) -> None:
-    """A seed list and a method list the study can run (``UsageError`` names the problem)."""
+def check_compare_args(seeds, algos, part: bool = False) -> None:
+    """A seed list and a method list the study can run (``UsageError`` names the problem). ``part``: a study of
+    baselines alone may run when it is written to a file to merge with an ArCHer study later (``--out``)."""
     if not seeds:
         raise UsageError("compare needs at least one seed (--seeds 0 1 2)")
     if any(s < 0 for s in seeds):
@@ -53,8 +54,9 @@ def check_compare_args(seeds, algos) -> None:
     unknown = [a for a in algos if a not in ALGOS]
     if unknown or not algos:
         raise UsageError(f"unknown method(s) {unknown or '(none given)'}: use some of {', '.join(ALGOS)}")
-    if "archer" not in algos:
-        raise UsageError("compare measures every method against ArCHer: include archer in --algos")
+    if "archer" not in algos and not part:
+        raise UsageError("compare measures every method against ArCHer: include archer in --algos (or write the "
+                         "baselines to --out FILE and merge them with an ArCHer study: --merge)")
 
 
 def episode_starts(df, num_envs: int) -> np.ndarray:
@@ -117,7 +119,7 @@ def summarize(curves: dict, untrained: float, budget: float, target: float | Non
         out["samples"][a] = {s: g[0] for s, g in zip(seeds, got)}
         out["reached"][a] = {s: g[1] for s, g in zip(seeds, got)}
     for a in algos:
-        if a == "archer":
+        if a == "archer" or "archer" not in algos:  # a part of baselines alone: ratios once merged with ArCHer
             continue
         r = np.array([out["samples"][a][s] / out["samples"]["archer"][s] for s in seeds])
         iv = bootstrap(np.mean, r) if len(r) > 1 else None
@@ -157,7 +159,7 @@ def run_study(cfg: ArcherConfig, task: str, seeds: list[int], algos: list[str] =
     "grad_steps", "env_steps", "wall_s"}; with ``results`` also records the rows. With ``save_to`` the study so
     far is written there after every seed (``"seeds"`` lists the finished ones), so a stopped study keeps them.
     """
-    check_compare_args(seeds, algos)
+    check_compare_args(seeds, algos, part=results is None and save_to is not None)
     start = time.time()
     encoder = encoder or TextEncoder(max_length=cfg.critic_max_length)
     policy, tokenizer = load_policy(cfg.policy_model, trainable=False)
@@ -318,7 +320,8 @@ def add_compare_parser(sub) -> None:
     cp = sub.add_parser("compare", help="ArCHer vs token-level PPO vs trajectory GRPO over seeds at equal env samples")
     cp.add_argument("--task", required=True, help="a task name (e.g. guess_number, twenty_questions_6, capital_choice)")
     cp.add_argument("--seeds", type=nonneg_int, nargs="+", required=True, help="training seeds, e.g. 0 1 2")
-    cp.add_argument("--algos", nargs="+", default=list(ALGOS), help=f"methods among {', '.join(ALGOS)} (archer first)")
+    cp.add_argument("--algos", nargs="+", default=list(ALGOS),
+                    help=f"methods among {', '.join(ALGOS)}; without archer only with --out (a part to merge later)")
     cp.add_argument("--profile", choices=("smoke", "cpu", "full"),
                     help="budget preset (default: full on CUDA, else cpu)")
     cp.add_argument("--env-steps", type=positive_int, help="environment-sample budget of every run")
@@ -340,8 +343,9 @@ def cli_compare(args) -> int:
     if args.task not in TASKS:
         raise UsageError(f"unknown task {args.task!r}: use one of {', '.join(TASKS)}")
     algos = list(dict.fromkeys(args.algos))
-    check_compare_args(args.seeds, algos)
-    algos = ["archer"] + [a for a in algos if a != "archer"]
+    part = "archer" not in algos and not args.merge  # baselines alone, to merge with an ArCHer study later
+    check_compare_args(args.seeds, algos, part=part and args.out is not None)
+    algos = ["archer"] * ("archer" in algos) + [a for a in algos if a != "archer"]
     prof = profile(args.profile)
     over = {k: v for k, v in dict(env_steps=args.env_steps, eval_episodes=args.episodes).items() if v is not None}
     cfg = task_preset(prof, args.task, **over)
@@ -362,6 +366,12 @@ def cli_compare(args) -> int:
                              f"{args.task} at {sorted(args.seeds)}")
         save_study(study, out)
         record(study, res)
+    elif part:  # no rows and no figure: they compare with ArCHer, which this file lacks until it is merged
+        study = run_study(cfg, args.task, args.seeds, algos, bins=args.bins, prefix=f"compare_{prof}", save_to=out)
+        print(format_study(study))
+        print(f"baselines: {study['wall_s'] / 60:.1f} min -> {out}; merge with an ArCHer study of the same task and "
+              f"seeds: python -m rlnlp.archer compare --task {args.task} --seeds ... --merge ARCHER.json {out}")
+        return 0
     else:
         study = run_study(cfg, args.task, args.seeds, algos, bins=args.bins, results=res, prefix=f"compare_{prof}",
                           save_to=out)

@@ -6,7 +6,8 @@ are exact (which token ended a completion, which log-prob belongs to which token
 seam where a faster engine (static KV cache, CUDA graphs, vLLM) would go.
 
 Precision: the sampler runs under ``rlnlp.runtime.autocast`` — bf16 matmuls on a CPU that has them (linear layers
-from bf16 copies of the weights kept between calls), fp32 elsewhere; log-softmax and the returned log-probs are fp32.
+from bf16 copies of the weights: frozen ones kept between calls, trainable ones cast anew by every call), fp32
+elsewhere; log-softmax and the returned log-probs are fp32.
 Its log-probs then differ from a re-scoring forward over the same tokens (``completion_logprobs``: the whole sequence
 at once rather than one token at a time against a cache, so other roundings). Measured 2026-12-06 on SmolLM2-135M,
 32 rows of ~24 sampled tokens: fp32 mean |Δ| 2.8e-6, max 2.1e-5 nats; bf16 mean 3.4e-2, max 0.22. An importance
@@ -18,6 +19,7 @@ what is new (``sample(..., turn_cache=cache, episode_ids=ids)``).
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Sequence
@@ -422,6 +424,33 @@ def _shared_prompt_attention(module, query, key, value, attention_mask, scaling=
     return out.reshape(B, 1, H, d), None
 
 
+def _decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A decoding step's attention over each row's own cached keys (a turn cache's rows share no prompt): the g query
+    heads of a key head as one (g × d) block against its keys ``(B, Hk, L, d)``, scores in the keys' dtype (bf16
+    under autocast, as SDPA computes them there), softmax in fp32. SDPA's CPU kernel for one query per row took 2.9
+    ms per layer against 1.8 ms for this at batch 64, 9 query / 3 key heads, 300 cached positions, bf16 (2026-12-06,
+    2-core AMD EPYC). Anything but a one-token step of a full-attention layer goes to SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    B, H, _, d = query.shape
+    Hk = key.shape[1]
+    q = query.reshape(B, Hk, H // Hk, d).to(key.dtype)  # heads h = j·g … j·g+g−1 share key head j
+    scores = (q @ key.transpose(-1, -2)).float() * (scaling if scaling is not None else d ** -0.5)  # (B, Hk, g, L)
+    if attention_mask is not None:  # (B, 1, 1, L): True / 0 where a row may look
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask.float()
+    out = torch.softmax(scores, -1).to(value.dtype) @ value  # (B, Hk, g, d)
+    return out.reshape(B, 1, H, d), None
+
+
+_DECODE_ATTENTION = "rlnlp_decode"
+
+
 def _uses_shared_kv(model) -> bool:
     cfg = model.config
     if getattr(cfg, "model_type", None) not in SHARED_KV_MODEL_TYPES or cfg.sub_configs:
@@ -429,8 +458,11 @@ def _uses_shared_kv(model) -> bool:
     if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager"):
         return False
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(_SHARED_ATTENTION, _shared_prompt_attention)
+    AttentionInterface.register(_DECODE_ATTENTION, _decode_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(_DECODE_ATTENTION, sdpa_mask)  # the padding mask SDPA would get
     return True
 
 
@@ -453,14 +485,21 @@ def _small_batch_linear(self, x):
     return out.reshape(*x.shape[:-1], self.weight.shape[0])
 
 
-def _bf16_copy(module: torch.nn.Module, name: str) -> torch.Tensor | None:
-    """A bf16 copy of ``module``'s fp32 parameter ``name``, kept on the module between calls until the parameter
-    changes (an optimizer step or a load bumps its version). ``torch.autocast`` casts a weight on every call unless
+def _bf16_copy(module: torch.nn.Module, name: str, fresh: dict) -> torch.Tensor | None:
+    """A bf16 copy of ``module``'s fp32 parameter ``name``. ``torch.autocast`` casts a weight on every call unless
     it requires grad, and then only within one ``with`` block: recasting the 135M-parameter policy for every
-    decoding step cost ~10% of a step here."""
+    decoding step cost ~10% of a step here. A weight that requires grad is cast once per ``sample`` call (``fresh``,
+    that call's memo): an optimizer may change it in place without a trace — fused AdamW (transformers' Trainer's
+    default, so TRL's) does not bump a tensor's version counter. A frozen weight's copy is kept on the module until
+    the weight is replaced or written in place (a load bumps its version)."""
     weight = getattr(module, name)
     if weight is None:
         return None
+    if weight.requires_grad:
+        hit = fresh.get(id(weight))
+        if hit is None:
+            hit = fresh[id(weight)] = weight.detach().to(torch.bfloat16)
+        return hit
     key = (weight.data_ptr(), weight._version)
     hit = module.__dict__.get(f"_bf16_{name}")
     if hit is None or hit[0] != key:
@@ -469,12 +508,13 @@ def _bf16_copy(module: torch.nn.Module, name: str) -> torch.Tensor | None:
     return hit[1]
 
 
-def _bf16_linear(self, x):
-    """``nn.Linear`` as ``torch.autocast`` computes it on a CPU (bf16 input, bf16 weight, bf16 out), from a cached
-    bf16 weight. ``F.linear`` throughout: in bf16 the ``(W @ xᵀ)ᵀ`` trick is no faster (measured 2026-12-06, same
-    CPU, 1–64 rows: either way round within noise for the MLP shapes, ``F.linear`` faster at ≤ 16 rows for the LM
-    head)."""
-    return torch.nn.functional.linear(x.to(torch.bfloat16), _bf16_copy(self, "weight"), _bf16_copy(self, "bias"))
+def _bf16_linear(self, fresh: dict, x):
+    """``nn.Linear`` as ``torch.autocast`` computes it on a CPU (bf16 input, bf16 weight, bf16 out), from a bf16
+    weight (``_bf16_copy``). ``F.linear`` throughout: in bf16 the ``(W @ xᵀ)ᵀ`` trick is no faster (measured
+    2026-12-06, same CPU, 1–64 rows: either way round within noise for the MLP shapes, ``F.linear`` faster at ≤ 16
+    rows for the LM head)."""
+    return torch.nn.functional.linear(x.to(torch.bfloat16), _bf16_copy(self, "weight", fresh),
+                                      _bf16_copy(self, "bias", fresh))
 
 
 @contextlib.contextmanager
@@ -483,9 +523,9 @@ def _fast_linears(model, bf16: bool):
     ``_small_batch_linear`` (fp32) for a ``with`` block (sampling only; training forwards keep ``F.linear``)."""
     patched = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
                and m.weight.dtype == torch.float32 and "forward" not in m.__dict__]
-    route = _bf16_linear if bf16 else _small_batch_linear
+    fresh: dict = {}  # this block's bf16 copies of the weights that require grad
     for m in patched:
-        m.forward = route.__get__(m)
+        m.forward = functools.partial(_bf16_linear, m, fresh) if bf16 else _small_batch_linear.__get__(m)
     try:
         yield
     finally:
@@ -570,7 +610,12 @@ def _sample_batch(model, tokenizer, kw, prompt_ids, rows, prefix, max_new_tokens
         logits, cache, attn, pos, shared = _prefill(model, kw, prompt_ids, rows, prefix, max_new_tokens, shared_kv,
                                                     pad, dev)
     pos = pos[:, -1:]
-    decode = _attention_implementation(model, _SHARED_ATTENTION) if shared else contextlib.nullcontext()
+    if shared:
+        decode = _attention_implementation(model, _SHARED_ATTENTION)
+    elif turns is not None and shared_kv:  # turn-cache rows: every key a row reads is its own
+        decode = _attention_implementation(model, _DECODE_ATTENTION)
+    else:
+        decode = contextlib.nullcontext()
 
     B = len(rows)
     out_tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)

@@ -402,6 +402,37 @@ def test_sampler_precision_follows_the_runtime(policy, monkeypatch):
     assert (bf16.logprobs - exact)[mask].abs().max() > 1e-3  # bf16 really ran
 
 
+def test_bf16_sampler_sees_weights_a_fused_optimizer_changed(monkeypatch):
+    """Under bf16 the sampler samples from bf16 copies of the linear weights. Fused AdamW (the default optimizer of
+    transformers' Trainer, so of TRL's GRPO and ERL) writes the weights without bumping their version counter: a copy
+    kept while the weight's version is unchanged would sample the policy as it was before training. After one fused
+    step that moves the LoRA weights far, the sampler's log-probs must stay within bf16 drift of a re-scoring pass.
+    Mutation seen to fail: keeping the copies of trainable weights between calls (keyed on the version only)."""
+    from rlnlp.models import attach_lora, load_policy
+
+    monkeypatch.setenv("RLNLP_DTYPE", "bf16")
+    model, tok = load_policy()
+    model = attach_lora(model, dropout=0.0)
+    prompts = ["Write a short poem about rain.", "Name three animals that live in the sea."]
+    run = lambda: sample(model, tok, prompts, n=2, max_new_tokens=12, temperature=1.0, seed=3)  # noqa: E731
+    before = run()  # the sampler's bf16 copies are made here
+    params = [p for p in model.parameters() if p.requires_grad]
+    versions = [p._version for p in params]
+    opt = torch.optim.AdamW(params, lr=0.05, fused=True)
+    logp = completion_logprobs(model, before.prompt_ids, before.prompt_mask, before.completion_ids,
+                               before.completion_mask)
+    loss = -(logp * before.completion_mask).sum()
+    loss.backward()
+    opt.step()
+    assert [p._version for p in params] == versions  # the trap: nothing marks the weights as changed
+    after = run()
+    mask = after.completion_mask.bool()
+    drift = (after.logprobs - _rescored(model, after))[mask].abs()
+    assert drift.mean() < 0.1 and drift.max() < 0.6, (drift.mean(), drift.max())
+    moved = (_rescored(model, before) - before.logprobs)[before.completion_mask.bool()].abs().mean()
+    assert moved > 0.5, moved  # the step did move the policy far beyond bf16 drift
+
+
 def test_precision_and_turns_benchmarks_reject_bad_options_in_one_line(capsys, monkeypatch):
     import rlnlp.models
     from rlnlp.bench import main

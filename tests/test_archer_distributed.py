@@ -15,13 +15,11 @@ process 0 alone writes the checkpoint. Seen to fail, one mutation at a time:
   - rlnlp/archer/acting.py, each process's resets seeded from the shared counter without the lower ranks' resets:
     the second iteration's buffer and the episodes differ.
 """
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import launch_ranks
 
 from rlnlp import checkpoint
 
@@ -34,11 +32,7 @@ ADVANTAGE_ATOL = 1e-3  # |A₂ − A₁| of advantages of size ~20 (normalised, 
 
 
 def _launch(out: Path, processes: int) -> list[dict]:
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parent.parent)}
-    done = subprocess.run([sys.executable, *launcher, str(SCRIPT), str(out), "--scripted"], env=env, timeout=600,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_ranks(SCRIPT, out, processes)
     return [torch.load(out / f"rank{k}.pt", weights_only=False) for k in range(processes)]
 
 

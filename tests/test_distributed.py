@@ -14,13 +14,11 @@ feedback; one step's LoRA update equals the one-process update. Seen to fail, on
     gloo (TRL gathers per-row metrics).
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import launch_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -29,11 +27,7 @@ UPDATE_RTOL = 1e-4  # max |Δ₂ − Δ₁| / max |Δ₁| over the LoRA weights;
 
 
 def _launch(out: Path, processes: int) -> list[dict]:
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parent.parent)}
-    done = subprocess.run([sys.executable, *launcher, str(SCRIPT), str(out), "--scripted"], env=env, timeout=600,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_ranks(SCRIPT, out, processes)
     return [json.loads((out / f"rank{k}.json").read_text()) for k in range(processes)]
 
 

@@ -373,6 +373,8 @@ class _SharedPromptCache:
         rank[order] = torch.arange(len(owner), device=owner.device) - first[owner[order]]
         self.owner, self.cell = owner, owner * self.c + rank  # (B,): each row's cell in the (D·c) grid
         self._cells = D * self.c
+        # one row per prompt, in order (n = 1, or a turn cache's rows): row b reads suffix b, no grid needed
+        self.direct = self.c == 1 and D == len(owner) and bool((owner == torch.arange(D, device=owner.device)).all())
 
     def batch_select_indices(self, keep: torch.Tensor) -> None:
         """Keep only rows ``keep`` (finished rows leave the batch); prompts left without rows are dropped."""
@@ -383,6 +385,21 @@ class _SharedPromptCache:
             self.suffix_valid = self.suffix_valid[used]
         self.gen = [None if g is None else (g[0][keep], g[1][keep]) for g in self.gen]
         self.regroup(owner)
+
+    def row_kv(self, line: int, positions: torch.Tensor) -> list:
+        """Row ``line``'s keys and values at ``positions`` of its sequence [prefix | suffix | completion so far]:
+        per layer ``(1, Hk, len(positions), d)`` copies."""
+        out = []
+        for i, (sk, sv) in enumerate(self.suffix):
+            o = int(self.owner[line])
+            ks, vs = [sk[o : o + 1]], [sv[o : o + 1]]
+            if self.prefix is not None:
+                ks.insert(0, self.prefix[i][0]), vs.insert(0, self.prefix[i][1])
+            if self.gen[i] is not None:
+                ks.append(self.gen[i][0][line : line + 1, :, : self.filled[i]])
+                vs.append(self.gen[i][1][line : line + 1, :, : self.filled[i]])
+            out.append((torch.cat(ks, 2)[:, :, positions], torch.cat(vs, 2)[:, :, positions]))
+        return out
 
 
 def _shared_prompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -396,12 +413,16 @@ def _shared_prompt_attention(module, query, key, value, attention_mask, scaling=
     D, Hk, S, _ = sk.shape
     g, c, t = H // Hk, cache.c, cache.filled[i]
     scale = scaling if scaling is not None else d ** -0.5
-    q = query.reshape(B, Hk, g, d)  # heads h = j·g … j·g+g−1 share key head j
-    # the (D, c) grid of rows per prompt, padded with zero queries: (D, Hk, c·g, d)
-    grid = q.new_zeros(cache._cells, Hk, g, d).index_copy_(0, cache.cell, q)
-    grid = grid.view(D, c, Hk, g, d).transpose(1, 2).reshape(D, Hk, c * g, d)
-    scores = [(grid @ sk.transpose(-1, -2)).view(D, Hk, c, g, S).transpose(1, 2).reshape(D * c, Hk, g, S)[cache.cell]]
-    masks = [cache.suffix_valid[cache.owner][:, None, None, :]]  # (B, 1, 1, S)
+    q = query.reshape(B, Hk, g, d).to(sk.dtype)  # heads h = j·g … j·g+g−1 share key head j
+    if cache.direct:  # row b's suffix is suffix b
+        scores = [q @ sk.transpose(-1, -2)]  # (B, Hk, g, S)
+        masks = [cache.suffix_valid[:, None, None, :]]
+    else:  # the (D, c) grid of rows per prompt, padded with zero queries: (D, Hk, c·g, d)
+        grid = q.new_zeros(cache._cells, Hk, g, d).index_copy_(0, cache.cell, q)
+        grid = grid.view(D, c, Hk, g, d).transpose(1, 2).reshape(D, Hk, c * g, d)
+        scores = [(grid @ sk.transpose(-1, -2)).view(D, Hk, c, g, S).transpose(1, 2).reshape(D * c, Hk, g, S)
+                  [cache.cell]]
+        masks = [cache.suffix_valid[cache.owner][:, None, None, :]]  # (B, 1, 1, S)
     if cache.prefix is not None:
         pk, pv = cache.prefix[i]  # (1, Hk, L, d)
         L = pk.shape[2]
@@ -415,40 +436,16 @@ def _shared_prompt_attention(module, query, key, value, attention_mask, scaling=
     probs = torch.softmax(logits.float() * scale, -1).to(q.dtype)  # (B, Hk, g, L+S+t)
     parts = list(torch.split(probs, [s.shape[-1] for s in scores], -1))
     out = parts[-1] @ gv[:, :, :t]  # (B, Hk, g, d)
-    ps = q.new_zeros(cache._cells, Hk, g, S).index_copy_(0, cache.cell, parts[-2])
-    ps = ps.view(D, c, Hk, g, S).transpose(1, 2).reshape(D, Hk, c * g, S)
-    out = out + (ps @ sv).view(D, Hk, c, g, d).transpose(1, 2).reshape(D * c, Hk, g, d)[cache.cell]
+    if cache.direct:
+        out = out + parts[-2] @ sv
+    else:
+        ps = q.new_zeros(cache._cells, Hk, g, S).index_copy_(0, cache.cell, parts[-2])
+        ps = ps.view(D, c, Hk, g, S).transpose(1, 2).reshape(D, Hk, c * g, S)
+        out = out + (ps @ sv).view(D, Hk, c, g, d).transpose(1, 2).reshape(D * c, Hk, g, d)[cache.cell]
     if cache.prefix is not None:
         pp = parts[0].transpose(0, 1).reshape(1, Hk, B * g, L)
         out = out + (pp @ pv).view(Hk, B, g, d).transpose(0, 1)
     return out.reshape(B, 1, H, d), None
-
-
-def _decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """A decoding step's attention over each row's own cached keys (a turn cache's rows share no prompt): the g query
-    heads of a key head as one (g × d) block against its keys ``(B, Hk, L, d)``, scores in the keys' dtype (bf16
-    under autocast, as SDPA computes them there), softmax in fp32. SDPA's CPU kernel for one query per row took 2.9
-    ms per layer against 1.8 ms for this at batch 64, 9 query / 3 key heads, 300 cached positions, bf16 (2026-12-06,
-    2-core AMD EPYC). Anything but a one-token step of a full-attention layer goes to SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if query.shape[2] != 1 or kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    B, H, _, d = query.shape
-    Hk = key.shape[1]
-    q = query.reshape(B, Hk, H // Hk, d).to(key.dtype)  # heads h = j·g … j·g+g−1 share key head j
-    scores = (q @ key.transpose(-1, -2)).float() * (scaling if scaling is not None else d ** -0.5)  # (B, Hk, g, L)
-    if attention_mask is not None:  # (B, 1, 1, L): True / 0 where a row may look
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        else:
-            scores = scores + attention_mask.float()
-    out = torch.softmax(scores, -1).to(value.dtype) @ value  # (B, Hk, g, d)
-    return out.reshape(B, 1, H, d), None
-
-
-_DECODE_ATTENTION = "rlnlp_decode"
 
 
 def _uses_shared_kv(model) -> bool:
@@ -458,11 +455,8 @@ def _uses_shared_kv(model) -> bool:
     if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager"):
         return False
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(_SHARED_ATTENTION, _shared_prompt_attention)
-    AttentionInterface.register(_DECODE_ATTENTION, _decode_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(_DECODE_ATTENTION, sdpa_mask)  # the padding mask SDPA would get
     return True
 
 
@@ -512,9 +506,15 @@ def _bf16_linear(self, fresh: dict, x):
     """``nn.Linear`` as ``torch.autocast`` computes it on a CPU (bf16 input, bf16 weight, bf16 out), from a bf16
     weight (``_bf16_copy``). ``F.linear`` throughout: in bf16 the ``(W @ xᵀ)ᵀ`` trick is no faster (measured
     2026-12-06, same CPU, 1–64 rows: either way round within noise for the MLP shapes, ``F.linear`` faster at ≤ 16
-    rows for the LM head)."""
-    return torch.nn.functional.linear(x.to(torch.bfloat16), _bf16_copy(self, "weight", fresh),
-                                      _bf16_copy(self, "bias", fresh))
+    rows for the LM head). An input that several layers read in turn is cast once (the query, key and value
+    projections, the gate and up projections, a LoRA adapter and its base layer)."""
+    last = fresh.get("input")
+    if last is not None and last[0] is x and last[1] == x._version:
+        xb = last[2]
+    else:
+        xb = x.to(torch.bfloat16)
+        fresh["input"] = (x, x._version, xb)  # holding x keeps its identity from passing to a new tensor
+    return torch.nn.functional.linear(xb, _bf16_copy(self, "weight", fresh), _bf16_copy(self, "bias", fresh))
 
 
 @contextlib.contextmanager
@@ -604,18 +604,13 @@ def _sample_batch(model, tokenizer, kw, prompt_ids, rows, prefix, max_new_tokens
     dev = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     if turns is not None:
-        logits, cache, attn, pos = turns.prefill(model, kw, prompt_ids, rows, prefix, max_new_tokens, pad, dev)
-        shared = False
+        logits, cache, attn, pos, shared = turns.prefill(model, kw, prompt_ids, rows, prefix, max_new_tokens,
+                                                         shared_kv, pad, dev)
     else:
         logits, cache, attn, pos, shared = _prefill(model, kw, prompt_ids, rows, prefix, max_new_tokens, shared_kv,
                                                     pad, dev)
     pos = pos[:, -1:]
-    if shared:
-        decode = _attention_implementation(model, _SHARED_ATTENTION)
-    elif turns is not None and shared_kv:  # turn-cache rows: every key a row reads is its own
-        decode = _attention_implementation(model, _DECODE_ATTENTION)
-    else:
-        decode = contextlib.nullcontext()
+    decode = _attention_implementation(model, _SHARED_ATTENTION) if shared else contextlib.nullcontext()
 
     B = len(rows)
     out_tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
@@ -728,12 +723,16 @@ class _Turns:
             entry = cache.episodes.get(e)
             self.reuse.append(min(shared_prefix_length(entry.ids, ids), len(ids) - 1) if entry is not None else 0)
 
-    def prefill(self, model, kw, prompt_ids, rows, prefix, max_new_tokens, pad, dev):
+    def prefill(self, model, kw, prompt_ids, rows, prefix, max_new_tokens, shared_kv, pad, dev):
         """Lay each row out as ``[left padding][reused keys][left padding][new tokens]`` and encode the new tokens.
 
         A row's reused keys are its episode's cached prefix, or the call's shared prefix when that is longer (a first
         turn). Positions count real tokens only (``position_ids_from_mask``), so each token sits where a plain pass
-        over the whole conversation puts it. Returns what ``_prefill`` returns but the shared-KV flag."""
+        over the whole conversation puts it. Returns what ``_prefill`` returns. With ``shared_kv`` the prompt's keys
+        are kept apart from the completion's (a ``_SharedPromptCache`` of one row per prompt): a decoding step then
+        reads the long, fixed part as one contiguous block (bf16 matmuls against a view into a larger buffer copy
+        it first: 1.25 vs 0.24 ms per layer for the scores at batch 64, 300 positions; 2026-12-07, 2-core AMD
+        EPYC)."""
         prefix_kv, L = prefix
         starts = []  # per row: (length, per-layer (k, v) of shape (1, Hk, length, d)) or (0, None)
         for r in rows:
@@ -750,7 +749,7 @@ class _Turns:
         sfx_ids, sfx_mask = _left_pad([prompt_ids[r][k:] for r, (k, _) in zip(rows, starts)], pad, dev)  # (B, U)
         self.cache.prefilled_tokens += int(sfx_mask.sum())
         U = sfx_ids.shape[1]
-        cache = _growing_cache(model, S0 + U + max_new_tokens)
+        cache = _growing_cache(model, S0 + U + (0 if shared_kv else max_new_tokens))
         start_mask = torch.zeros(len(rows), S0, dtype=sfx_mask.dtype, device=dev)
         if S0:
             layers = next(kv for k, kv in starts if k)
@@ -767,7 +766,12 @@ class _Turns:
         attn = torch.cat([start_mask, sfx_mask], dim=1)  # (B, S0+U)
         pos = position_ids_from_mask(attn)[:, -U:]
         logits, cache = _forward(model, kw, sfx_ids, attn, pos, cache)
-        return logits, cache, attn, pos
+        shared = shared_kv and cache is not None and all(type(layer) is _growing_layer_class()
+                                                         for layer in cache.layers)
+        if shared:  # the buffers hold exactly the prompt: every layer's keys are one contiguous block
+            cache = _SharedPromptCache(None, [(layer.keys, layer.values) for layer in cache.layers], attn.bool(),
+                                       torch.arange(len(rows), device=dev), max_new_tokens)
+        return logits, cache, attn, pos, shared
 
     def store(self, lines, rows, prompt_ids, out_tokens, length, cache, attn) -> None:
         """Keep the keys of rows that leave the compute batch: ``lines`` pairs (line of the batch, row of the call).
@@ -777,8 +781,11 @@ class _Turns:
             new = out_tokens[b, : max(int(length[b]) - 1, 0)].tolist()
             ids = list(prompt_ids[r]) + new
             real = attn[line].nonzero().flatten()[: len(ids)]
-            kv = [(layer.keys[line : line + 1, :, real].clone(), layer.values[line : line + 1, :, real].clone())
-                  for layer in cache.layers]
+            if isinstance(cache, _SharedPromptCache):
+                kv = cache.row_kv(line, real)
+            else:
+                kv = [(layer.keys[line : line + 1, :, real].clone(), layer.values[line : line + 1, :, real].clone())
+                      for layer in cache.layers]
             self.cache.episodes[self.episodes[r]] = _Episode(ids=ids, kv=kv)
 
 

@@ -25,6 +25,7 @@ from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from .models import position_ids_from_mask
 from .runtime import autocast, precision
@@ -386,19 +387,20 @@ class _SharedPromptCache:
         self.gen = [None if g is None else (g[0][keep], g[1][keep]) for g in self.gen]
         self.regroup(owner)
 
-    def row_kv(self, line: int, positions: torch.Tensor) -> list:
-        """Row ``line``'s keys and values at ``positions`` of its sequence [prefix | suffix | completion so far]:
-        per layer ``(1, Hk, len(positions), d)`` copies."""
+    def rows_kv(self, lines: torch.Tensor) -> list:
+        """The whole key and value sequences [prefix | suffix | completion so far] of rows ``lines``: per layer
+        ``(len(lines), Hk, L + S + t, d)`` copies."""
         out = []
+        owners = self.owner[lines]
         for i, (sk, sv) in enumerate(self.suffix):
-            o = int(self.owner[line])
-            ks, vs = [sk[o : o + 1]], [sv[o : o + 1]]
+            ks, vs = [sk[owners]], [sv[owners]]
             if self.prefix is not None:
-                ks.insert(0, self.prefix[i][0]), vs.insert(0, self.prefix[i][1])
+                pk, pv = self.prefix[i]
+                ks.insert(0, pk.expand(len(lines), -1, -1, -1)), vs.insert(0, pv.expand(len(lines), -1, -1, -1))
             if self.gen[i] is not None:
-                ks.append(self.gen[i][0][line : line + 1, :, : self.filled[i]])
-                vs.append(self.gen[i][1][line : line + 1, :, : self.filled[i]])
-            out.append((torch.cat(ks, 2)[:, :, positions], torch.cat(vs, 2)[:, :, positions]))
+                gk, gv = self.gen[i]
+                ks.append(gk[lines, :, : self.filled[i]]), vs.append(gv[lines, :, : self.filled[i]])
+            out.append((torch.cat(ks, 2), torch.cat(vs, 2)))
         return out
 
 
@@ -752,14 +754,12 @@ class _Turns:
         cache = _growing_cache(model, S0 + U + (0 if shared_kv else max_new_tokens))
         start_mask = torch.zeros(len(rows), S0, dtype=sfx_mask.dtype, device=dev)
         if S0:
-            layers = next(kv for k, kv in starts if k)
+            like = next(kv for k, kv in starts if k)
             for i, layer in enumerate(cache.layers):
-                k_like, v_like = layers[i]
-                keys = k_like.new_zeros(len(rows), k_like.shape[1], S0, k_like.shape[3])
-                values = v_like.new_zeros(len(rows), v_like.shape[1], S0, v_like.shape[3])
-                for b, (k, kv) in enumerate(starts):
-                    if k:
-                        keys[b, :, S0 - k :], values[b, :, S0 - k :] = kv[i][0][0, :, :k], kv[i][1][0, :, :k]
+                # each row's (k, Hk, d) keys, left-padded to S0 with zeros in one call per layer
+                empty = like[i][0][0, :, :0].transpose(0, 1)
+                keys, values = (pad_sequence([kv[i][j][0, :, :k].transpose(0, 1) if k else empty for k, kv in starts],
+                                             batch_first=True, padding_side="left").transpose(1, 2) for j in (0, 1))
                 layer.update(keys, values)
             for b, (k, _) in enumerate(starts):
                 start_mask[b, S0 - k :] = 1
@@ -775,18 +775,32 @@ class _Turns:
 
     def store(self, lines, rows, prompt_ids, out_tokens, length, cache, attn) -> None:
         """Keep the keys of rows that leave the compute batch: ``lines`` pairs (line of the batch, row of the call).
-        A row's keys are those of its prompt and of every completion token but the last (never fed to the model)."""
-        for line, b in lines:
-            r = rows[b]
+        A row's keys are those of its prompt and of every completion token but the last (never fed to the model).
+        All the rows leaving at once are gathered in one operation per layer; each episode keeps a view of them."""
+        if not lines:
+            return
+        ids_of = []
+        for _, b in lines:
             new = out_tokens[b, : max(int(length[b]) - 1, 0)].tolist()
-            ids = list(prompt_ids[r]) + new
-            real = attn[line].nonzero().flatten()[: len(ids)]
-            if isinstance(cache, _SharedPromptCache):
-                kv = cache.row_kv(line, real)
-            else:
-                kv = [(layer.keys[line : line + 1, :, real].clone(), layer.values[line : line + 1, :, real].clone())
-                      for layer in cache.layers]
-            self.cache.episodes[self.episodes[r]] = _Episode(ids=ids, kv=kv)
+            ids_of.append(list(prompt_ids[rows[b]]) + new)
+        at = torch.as_tensor([line for line, _ in lines], device=attn.device)
+        n, longest = len(lines), max(len(ids) for ids in ids_of)
+        # the positions of each row's real tokens in its line of the batch, right-padded with position 0 (unused)
+        index = torch.zeros(n, longest, dtype=torch.long, device=attn.device)
+        for j, (line, _) in enumerate(lines):
+            real = attn[line].nonzero().flatten()[: len(ids_of[j])]
+            index[j, : len(real)] = real
+        if isinstance(cache, _SharedPromptCache):
+            full = cache.rows_kv(at)
+        else:
+            full = [(layer.keys[at], layer.values[at]) for layer in cache.layers]
+        gathered = []
+        for k, v in full:  # (n, Hk, positions, d) -> (n, Hk, longest, d)
+            i4 = index[:, None, :, None].expand(n, k.shape[1], longest, k.shape[3])
+            gathered.append((k.gather(2, i4), v.gather(2, i4)))
+        for j, ((_, b), ids) in enumerate(zip(lines, ids_of)):
+            kv = [(k[j : j + 1, :, : len(ids)], v[j : j + 1, :, : len(ids)]) for k, v in gathered]
+            self.cache.episodes[self.episodes[rows[b]]] = _Episode(ids=ids, kv=kv)
 
 
 SHARED_PREFIX_MIN_TOKENS = 8

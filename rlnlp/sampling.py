@@ -387,20 +387,19 @@ class _SharedPromptCache:
         self.gen = [None if g is None else (g[0][keep], g[1][keep]) for g in self.gen]
         self.regroup(owner)
 
-    def rows_kv(self, lines: torch.Tensor) -> list:
-        """The whole key and value sequences [prefix | suffix | completion so far] of rows ``lines``: per layer
-        ``(len(lines), Hk, L + S + t, d)`` copies."""
+    def row_kv(self, line: int, positions: torch.Tensor) -> list:
+        """Row ``line``'s keys and values at ``positions`` of its sequence [prefix | suffix | completion so far]:
+        per layer ``(1, Hk, len(positions), d)`` copies."""
         out = []
-        owners = self.owner[lines]
         for i, (sk, sv) in enumerate(self.suffix):
-            ks, vs = [sk[owners]], [sv[owners]]
+            o = int(self.owner[line])
+            ks, vs = [sk[o : o + 1]], [sv[o : o + 1]]
             if self.prefix is not None:
-                pk, pv = self.prefix[i]
-                ks.insert(0, pk.expand(len(lines), -1, -1, -1)), vs.insert(0, pv.expand(len(lines), -1, -1, -1))
+                ks.insert(0, self.prefix[i][0]), vs.insert(0, self.prefix[i][1])
             if self.gen[i] is not None:
-                gk, gv = self.gen[i]
-                ks.append(gk[lines, :, : self.filled[i]]), vs.append(gv[lines, :, : self.filled[i]])
-            out.append((torch.cat(ks, 2), torch.cat(vs, 2)))
+                ks.append(self.gen[i][0][line : line + 1, :, : self.filled[i]])
+                vs.append(self.gen[i][1][line : line + 1, :, : self.filled[i]])
+            out.append((torch.cat(ks, 2)[:, :, positions], torch.cat(vs, 2)[:, :, positions]))
         return out
 
 
@@ -775,32 +774,18 @@ class _Turns:
 
     def store(self, lines, rows, prompt_ids, out_tokens, length, cache, attn) -> None:
         """Keep the keys of rows that leave the compute batch: ``lines`` pairs (line of the batch, row of the call).
-        A row's keys are those of its prompt and of every completion token but the last (never fed to the model).
-        All the rows leaving at once are gathered in one operation per layer; each episode keeps a view of them."""
-        if not lines:
-            return
-        ids_of = []
-        for _, b in lines:
+        A row's keys are those of its prompt and of every completion token but the last (never fed to the model)."""
+        for line, b in lines:
+            r = rows[b]
             new = out_tokens[b, : max(int(length[b]) - 1, 0)].tolist()
-            ids_of.append(list(prompt_ids[rows[b]]) + new)
-        at = torch.as_tensor([line for line, _ in lines], device=attn.device)
-        n, longest = len(lines), max(len(ids) for ids in ids_of)
-        # the positions of each row's real tokens in its line of the batch, right-padded with position 0 (unused)
-        index = torch.zeros(n, longest, dtype=torch.long, device=attn.device)
-        for j, (line, _) in enumerate(lines):
-            real = attn[line].nonzero().flatten()[: len(ids_of[j])]
-            index[j, : len(real)] = real
-        if isinstance(cache, _SharedPromptCache):
-            full = cache.rows_kv(at)
-        else:
-            full = [(layer.keys[at], layer.values[at]) for layer in cache.layers]
-        gathered = []
-        for k, v in full:  # (n, Hk, positions, d) -> (n, Hk, longest, d)
-            i4 = index[:, None, :, None].expand(n, k.shape[1], longest, k.shape[3])
-            gathered.append((k.gather(2, i4), v.gather(2, i4)))
-        for j, ((_, b), ids) in enumerate(zip(lines, ids_of)):
-            kv = [(k[j : j + 1, :, : len(ids)], v[j : j + 1, :, : len(ids)]) for k, v in gathered]
-            self.cache.episodes[self.episodes[rows[b]]] = _Episode(ids=ids, kv=kv)
+            ids = list(prompt_ids[r]) + new
+            real = attn[line].nonzero().flatten()[: len(ids)]
+            if isinstance(cache, _SharedPromptCache):
+                kv = cache.row_kv(line, real)
+            else:
+                kv = [(layer.keys[line : line + 1, :, real].clone(), layer.values[line : line + 1, :, real].clone())
+                      for layer in cache.layers]
+            self.cache.episodes[self.episodes[r]] = _Episode(ids=ids, kv=kv)
 
 
 SHARED_PREFIX_MIN_TOKENS = 8

@@ -687,7 +687,7 @@ class TurnCache:
     the next turn's opening), and stores the row's keys back after decoding. Matching token ids makes the reuse exact
     whatever the prompt template does; a prompt that shares nothing with the cache is simply prefilled in full.
     ``release(episode_ids)`` frees finished episodes (a long rollout should: each cached token of SmolLM2 holds 46 KB
-    of fp32 keys and values).
+    of keys and values in fp32, 23 KB in bf16).
 
     ``reused_tokens`` / ``prefilled_tokens`` count the prompt tokens taken from the cache / encoded, over all calls.
     """

@@ -41,7 +41,7 @@ def apply_thread_setting() -> int:
 
 apply_thread_setting()
 
-MALLOC_KEEP = ("mmap threshold", 32 << 20, "trim threshold", 1 << 30)
+MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD = 32 << 20, 1 << 30
 """glibc's allocator hands a freed block of more than 128 KB (its starting threshold, raised only as blocks are
 freed) back to the kernel, and trims the heap above 128 KB of free space, so each new large tensor of the same size
 starts on fresh pages that fault in one by one. Sampling allocates a batch's logits (B × 49,152 fp32: 12.6 MB at
@@ -52,8 +52,9 @@ them 18.5 vs 2.2 ms. The cost: a process keeps up to 1 GB of freed memory for re
 
 
 def apply_malloc_setting() -> str:
-    """Keep freed memory for reuse (``MALLOC_KEEP``) under glibc on Linux, through ``mallopt``; ``$RLNLP_MALLOC=
-    default`` leaves the allocator as it is. Returns what is in force, for the banner."""
+    """Keep freed memory for reuse (``MALLOC_MMAP_THRESHOLD``, ``MALLOC_TRIM_THRESHOLD``) under glibc on Linux,
+    through ``mallopt``; ``$RLNLP_MALLOC=default`` leaves the allocator as it is. Returns what is in force, for the
+    banner."""
     if os.environ.get("RLNLP_MALLOC", "").strip().lower() == "default":
         return "glibc defaults (RLNLP_MALLOC=default)"
     if platform.system() != "Linux":
@@ -66,8 +67,9 @@ def apply_malloc_setting() -> str:
         return "the system's defaults (no libc.so.6)"
     if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: musl's mallopt does nothing
         return "the system's defaults (not glibc)"
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    ok = libc.mallopt(M_MMAP_THRESHOLD, MALLOC_KEEP[1]) == 1 and libc.mallopt(M_TRIM_THRESHOLD, MALLOC_KEEP[3]) == 1
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+    ok = libc.mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1 and \
+        libc.mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) == 1
     return "freed blocks up to 32 MB kept for reuse" if ok else "glibc defaults (mallopt refused)"
 
 

@@ -390,9 +390,8 @@ class _SharedPromptCache:
     def row_kv(self, line: int, positions: torch.Tensor) -> list:
         """Row ``line``'s keys and values at ``positions`` of its sequence [prefix | suffix | completion so far]:
         per layer ``(1, Hk, len(positions), d)`` copies."""
-        out = []
+        out, o = [], int(self.owner[line])
         for i, (sk, sv) in enumerate(self.suffix):
-            o = int(self.owner[line])
             ks, vs = [sk[o : o + 1]], [sv[o : o + 1]]
             if self.prefix is not None:
                 ks.insert(0, self.prefix[i][0]), vs.insert(0, self.prefix[i][1])
@@ -765,12 +764,10 @@ class _Turns:
         attn = torch.cat([start_mask, sfx_mask], dim=1)  # (B, S0+U)
         pos = position_ids_from_mask(attn)[:, -U:]
         logits, cache = _forward(model, kw, sfx_ids, attn, pos, cache)
-        shared = shared_kv and cache is not None and all(type(layer) is _growing_layer_class()
-                                                         for layer in cache.layers)
-        if shared:  # the buffers hold exactly the prompt: every layer's keys are one contiguous block
+        if shared_kv:  # the growing buffers hold exactly the prompt: every layer's keys are one contiguous block
             cache = _SharedPromptCache(None, [(layer.keys, layer.values) for layer in cache.layers], attn.bool(),
                                        torch.arange(len(rows), device=dev), max_new_tokens)
-        return logits, cache, attn, pos, shared
+        return logits, cache, attn, pos, shared_kv
 
     def store(self, lines, rows, prompt_ids, out_tokens, length, cache, attn) -> None:
         """Keep the keys of rows that leave the compute batch: ``lines`` pairs (line of the batch, row of the call).

@@ -479,27 +479,57 @@ def _small_batch_linear(self, x):
     return out.reshape(*x.shape[:-1], self.weight.shape[0])
 
 
-def _bf16_copy(module: torch.nn.Module, name: str, fresh: dict) -> torch.Tensor | None:
-    """A bf16 copy of ``module``'s fp32 parameter ``name``. ``torch.autocast`` casts a weight on every call unless
-    it requires grad, and then only within one ``with`` block: recasting the 135M-parameter policy for every
-    decoding step cost ~10% of a step here. A weight that requires grad is cast once per ``sample`` call (``fresh``,
-    that call's memo): an optimizer may change it in place without a trace — fused AdamW (transformers' Trainer's
-    default, so TRL's) does not bump a tensor's version counter. A frozen weight's copy is kept on the module until
-    the weight is replaced or written in place (a load bumps its version)."""
+PACK_WEIGHTS = True
+"""Under bf16 on a CPU, the sampler's linear layers read weights packed once for oneDNN (``_pack_weight``) where this
+torch build can; False keeps plain bf16 copies and ``F.linear``."""
+
+
+def _bf16_copy(module: torch.nn.Module, name: str, fresh: dict, packed: bool = False) -> torch.Tensor | None:
+    """A bf16 copy of ``module``'s fp32 parameter ``name`` (with ``packed``, in oneDNN's blocked layout:
+    ``_pack_weight``). ``torch.autocast`` casts a weight on every call unless it requires grad, and then only within
+    one ``with`` block: recasting the 135M-parameter policy for every decoding step cost ~10% of a step here. A weight
+    that requires grad is cast once per ``sample`` call (``fresh``, that call's memo): an optimizer may change it in
+    place without a trace — fused AdamW (transformers' Trainer's default, so TRL's) does not bump a tensor's version
+    counter. A frozen weight's copy is kept on the module until the weight is replaced or written in place (a load
+    bumps its version)."""
     weight = getattr(module, name)
     if weight is None:
         return None
+    make = _pack_weight if packed else (lambda w: w.detach().to(torch.bfloat16))
     if weight.requires_grad:
-        hit = fresh.get(id(weight))
+        hit = fresh.get((id(weight), packed))
         if hit is None:
-            hit = fresh[id(weight)] = weight.detach().to(torch.bfloat16)
+            hit = fresh[(id(weight), packed)] = make(weight)
         return hit
     key = (weight.data_ptr(), weight._version)
-    hit = module.__dict__.get(f"_bf16_{name}")
+    slot = f"_bf16_{name}" + ("_packed" if packed else "")
+    hit = module.__dict__.get(slot)
     if hit is None or hit[0] != key:
-        hit = (key, weight.detach().to(torch.bfloat16))
-        module.__dict__[f"_bf16_{name}"] = hit
+        hit = (key, make(weight))
+        module.__dict__[slot] = hit
     return hit[1]
+
+
+def _pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (out, in) as bf16 in oneDNN's blocked layout. ``F.linear`` on a plain bf16 weight reorders it into
+    that layout on every call; packed once, a decoding step's matmuls run faster (measured 2026-12-07 on a 2-core AMD
+    EPYC, bf16, 32 rows: the 49152 × 576 LM head 8.9 → 5.4 ms, the 1536 × 576 MLP projection 0.18 → 0.15 ms; at 400
+    rows 3–8% faster) with the same numbers (the same kernel after the reorder: bit-identical outputs)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), SMALL_BATCH_ROWS)
+
+
+@lru_cache(maxsize=1)
+def _can_pack() -> bool:
+    """Whether this torch build packs bf16 linear weights for oneDNN (``_pack_weight``) and computes with them
+    exactly as ``F.linear`` does (checked once on a small product)."""
+    try:
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return False
+        w, x, b = (torch.randn(*shape).to(torch.bfloat16) for shape in ((24, 16), (3, 16), (24,)))
+        out = torch.ops.mkldnn._linear_pointwise(x, _pack_weight(w), b, "none", [], "")
+        return bool(torch.equal(out, torch.nn.functional.linear(x, w, b)))
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _bf16_linear(self, fresh: dict, x):
@@ -514,7 +544,11 @@ def _bf16_linear(self, fresh: dict, x):
     else:
         xb = x.to(torch.bfloat16)
         fresh["input"] = (x, x._version, xb)  # holding x keeps its identity from passing to a new tensor
-    return torch.nn.functional.linear(xb, _bf16_copy(self, "weight", fresh), _bf16_copy(self, "bias", fresh))
+    bias = _bf16_copy(self, "bias", fresh)
+    if PACK_WEIGHTS and _can_pack():
+        return torch.ops.mkldnn._linear_pointwise(xb, _bf16_copy(self, "weight", fresh, packed=True), bias, "none",
+                                                  [], "")
+    return torch.nn.functional.linear(xb, _bf16_copy(self, "weight", fresh), bias)
 
 
 @contextlib.contextmanager

@@ -402,6 +402,36 @@ def test_sampler_precision_follows_the_runtime(policy, monkeypatch):
     assert (bf16.logprobs - exact)[mask].abs().max() > 1e-3  # bf16 really ran
 
 
+def test_packed_bf16_weights_sample_what_plain_bf16_copies_do(policy, monkeypatch):
+    """Under bf16 the sampler's linear layers read weights packed once for oneDNN: the same products as ``F.linear``
+    on plain bf16 copies, bit for bit (prefill and decoding, several prompts and samples), and the packed copies
+    really are what the layers read. Mutations seen to fail: the packed product leaving out the bias; the sampler
+    keeping plain copies (nothing packed)."""
+    import rlnlp.sampling as sampling
+
+    if not sampling._can_pack():
+        pytest.skip("this torch build does not pack bf16 weights for oneDNN")
+    layer = torch.nn.Linear(16, 5)
+    for shape in [(3, 1, 16), (2, 7, 16), (1, 16)]:
+        x = torch.randn(*shape)
+        reference = torch.nn.functional.linear(x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16())
+        assert torch.equal(sampling._bf16_linear(layer, {}, x), reference)
+    model, tok = policy
+    monkeypatch.setenv("RLNLP_DTYPE", "bf16")
+    prompts = ["Write a short poem about rain.", "Name three animals that live in the sea, and say why."]
+    run = lambda: sample(model, tok, prompts, n=3, max_new_tokens=10, temperature=1.0, seed=5)  # noqa: E731
+    made = []
+    pack = sampling._pack_weight
+    monkeypatch.setattr(sampling, "_pack_weight", lambda w: made.append(w.shape) or pack(w))
+    packed = run()
+    shapes = [m.weight.shape for m in model.modules() if type(m) is torch.nn.Linear]
+    assert shapes and sorted(made) == sorted(shapes)  # every linear layer's weight, packed once for the call
+    monkeypatch.setattr(sampling, "PACK_WEIGHTS", False)
+    plain = run()
+    assert torch.equal(packed.completion_ids, plain.completion_ids)
+    assert torch.equal(packed.logprobs, plain.logprobs)
+
+
 def test_bf16_sampler_sees_weights_a_fused_optimizer_changed(monkeypatch):
     """Under bf16 the sampler samples from bf16 copies of the linear weights. Fused AdamW (the default optimizer of
     transformers' Trainer, so of TRL's GRPO and ERL) writes the weights without bumping their version counter: a copy

@@ -432,6 +432,40 @@ def test_packed_bf16_weights_sample_what_plain_bf16_copies_do(policy, monkeypatc
     assert torch.equal(packed.logprobs, plain.logprobs)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_prefill_skipping_the_padding_changes_nothing(policy, monkeypatch, dtype):
+    """A prefill of prompts of very different lengths runs its linear layers on the real tokens only; samples and
+    log-probs are those of the padded prefill, bit for bit, in both precisions — through the plain prefill and a turn
+    cache's. Mutations seen to fail: laying the outputs back out one position off; the turn cache's prefill skipping
+    positions one off from its new tokens."""
+    import rlnlp.sampling as sampling
+    from rlnlp.sampling import TurnCache
+
+    model, tok = policy
+    monkeypatch.setenv("RLNLP_DTYPE", dtype)
+    prompts = ["Hi.", "Name three animals that live in the sea and say for each one what it eats and where it sleeps.",
+               "Why is the sky blue?"]
+    scattered = []
+    scatter = sampling._scatter_rows
+    monkeypatch.setattr(sampling, "_scatter_rows", lambda y, i, shape: scattered.append(shape) or scatter(y, i, shape))
+
+    def run():
+        out = [sample(model, tok, prompts, n=2, max_new_tokens=8, temperature=1.0, seed=7)]
+        cache = TurnCache()
+        for turn in range(2):
+            texts = [f"{p} (turn {turn}: " + "go on " * (3 * i * turn) + ")" for i, p in enumerate(prompts)]
+            out.append(sample(model, tok, texts, max_new_tokens=6, temperature=1.0, seed=turn, turn_cache=cache,
+                              episode_ids=[0, 1, 2]))
+        return out
+
+    skipped = run()
+    assert scattered  # the padding really was skipped
+    monkeypatch.setattr(sampling, "SKIP_PADDING", 0.0)
+    padded = run()
+    for a, b in zip(skipped, padded):
+        assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
+
+
 def test_bf16_sampler_sees_weights_a_fused_optimizer_changed(monkeypatch):
     """Under bf16 the sampler samples from bf16 copies of the linear weights. Fused AdamW (the default optimizer of
     transformers' Trainer, so of TRL's GRPO and ERL) writes the weights without bumping their version counter: a copy

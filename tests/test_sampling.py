@@ -466,6 +466,39 @@ def test_prefill_skipping_the_padding_changes_nothing(policy, monkeypatch, dtype
         assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_lean_decoding_steps_equal_the_model_forward(policy, monkeypatch, dtype):
+    """Decoding steps of a Llama-family model skip transformers' per-call machinery: samples and log-probs are those of
+    the model's own forward, bit for bit, in both precisions, for the plain policy and through a LoRA wrapper.
+    Mutations seen to fail: the lean layer's norm without its epsilon; its query projection skipping the LoRA
+    adapter."""
+    import rlnlp.sampling as sampling
+    from rlnlp.models import attach_lora
+
+    monkeypatch.setenv("RLNLP_DTYPE", dtype)
+    steps = []
+    step = sampling._lean_decode_step
+    monkeypatch.setattr(sampling, "_lean_decode_step", lambda *a: steps.append(1) or step(*a))
+    model, tok = policy
+    prompts = ["Write a short poem about rain.", "Name three animals that live in the sea."]
+    for policy_model in (model, None):
+        if policy_model is None:  # a LoRA-wrapped copy whose adapters are not zero
+            from rlnlp.models import load_policy
+
+            policy_model = attach_lora(load_policy()[0], dropout=0.0)
+            with torch.no_grad():
+                for name, p in policy_model.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0, 0.02)
+        monkeypatch.setattr(sampling, "LEAN_DECODE", True)
+        steps.clear()
+        lean = sample(policy_model, tok, prompts, n=2, max_new_tokens=10, temperature=1.0, seed=2)
+        assert len(steps) >= 9  # every step after the first token
+        monkeypatch.setattr(sampling, "LEAN_DECODE", False)
+        full = sample(policy_model, tok, prompts, n=2, max_new_tokens=10, temperature=1.0, seed=2)
+        assert torch.equal(lean.completion_ids, full.completion_ids) and torch.equal(lean.logprobs, full.logprobs)
+
+
 def test_bf16_sampler_sees_weights_a_fused_optimizer_changed(monkeypatch):
     """Under bf16 the sampler samples from bf16 copies of the linear weights. Fused AdamW (the default optimizer of
     transformers' Trainer, so of TRL's GRPO and ERL) writes the weights without bumping their version counter: a copy

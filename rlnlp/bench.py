@@ -308,25 +308,34 @@ def _twenty_questions_rollouts(model, tokenizer, episodes: int, turns: int, reus
 
 
 def turns_main(argv: list[str]) -> int:
-    """``python -m rlnlp.bench turns [--episodes N] [--turns N]``: multi-turn rollouts with vs without KV reuse."""
+    """``python -m rlnlp.bench turns [--episodes N] [--turns N] [--repeat N]``: multi-turn rollouts with vs without KV
+    reuse."""
     parser = Parser(prog="python -m rlnlp.bench turns", description=turns_main.__doc__)
     parser.add_argument("--episodes", type=positive_int, default=64, help="episodes played side by side")
     parser.add_argument("--turns", type=positive_int, default=10, help="turns of every episode")
+    parser.add_argument("--repeat", type=positive_int, default=1,
+                        help="runs of each, in alternating order; the fastest counts (this CPU's speed drifts by "
+                             "10-20%% within minutes)")
     opts = vars(parser.parse_args(argv))
     loaded = _load_policy_or_exit("turns")
     if loaded is None:
         return 1
     model, tokenizer = loaded
-    E, T = opts["episodes"], opts["turns"]
-    _header(model, f"{E} Twenty Questions-like chat episodes × {T} turns, ≤ 16 new tokens a turn")
+    E, T, R = opts["episodes"], opts["turns"], opts["repeat"]
+    _header(model, f"{E} Twenty Questions-like chat episodes × {T} turns, ≤ 16 new tokens a turn, best of {R}")
     _twenty_questions_rollouts(model, tokenizer, 2, 2, reuse=True)  # warm-up
-    runs = {}
+    runs: dict = {False: [], True: []}
+    for r in range(R):
+        for reuse in ((False, True) if r % 2 == 0 else (True, False)):
+            runs[reuse].append(_twenty_questions_rollouts(model, tokenizer, E, T, reuse))
+    best = {reuse: min(rs, key=lambda run: run["s"]) for reuse, rs in runs.items()}
     for reuse in (False, True):
-        r = runs[reuse] = _twenty_questions_rollouts(model, tokenizer, E, T, reuse)
-        enc = f", {r['encoded']} encoded ({r['reused']} reused)" if reuse else ""
-        print(f"{'with' if reuse else 'without'} KV reuse: {r['s']:.1f} s, {r['prompt']} prompt tokens{enc}, "
-              f"{r['new']} new tokens", flush=True)
-    print(f"KV reuse: {runs[False]['s'] / runs[True]['s']:.2f}× faster")
+        b = best[reuse]
+        enc = f", {b['encoded']} encoded ({b['reused']} reused)" if reuse else ""
+        every = " (runs: " + ", ".join(f"{run['s']:.1f}" for run in runs[reuse]) + " s)" if R > 1 else ""
+        print(f"{'with' if reuse else 'without'} KV reuse: {b['s']:.1f} s{every}, {b['prompt']} prompt tokens{enc}, "
+              f"{b['new']} new tokens", flush=True)
+    print(f"KV reuse: {best[False]['s'] / best[True]['s']:.2f}× faster")
     return 0
 
 

@@ -539,7 +539,7 @@ def test_precision_and_turns_benchmarks_reject_bad_options_in_one_line(capsys, m
 
     monkeypatch.setattr(rlnlp.models, "load_policy", no_run)
     for argv in (["precision", "--repeat", "0"], ["precision", "--steps", "x"], ["turns", "--episodes", "x"],
-                 ["turns", "--turns", "0"], ["turns", "--nope", "1"]):
+                 ["turns", "--turns", "0"], ["turns", "--repeat", "0"], ["turns", "--nope", "1"]):
         try:
             code = main(argv)
         except SystemExit as exit_:  # argparse exits with status 2

@@ -635,7 +635,9 @@ def _can_pack() -> bool:
     try:
         if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
             return False
-        w, x, b = (torch.randn(*shape).to(torch.bfloat16) for shape in ((24, 16), (3, 16), (24,)))
+        # small integers (exact in bf16), not random draws: a check must not move the global random stream
+        w, x, b = ((torch.arange(n).reshape(shape) % 7 - 3).to(torch.bfloat16) for n, shape in
+                   ((384, (24, 16)), (48, (3, 16)), (24, (24,))))
         out = torch.ops.mkldnn._linear_pointwise(x, _pack_weight(w), b, "none", [], "")
         return bool(torch.equal(out, torch.nn.functional.linear(x, w, b)))
     except (AttributeError, RuntimeError):

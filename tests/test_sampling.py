@@ -432,6 +432,23 @@ def test_packed_bf16_weights_sample_what_plain_bf16_copies_do(policy, monkeypatc
     assert torch.equal(packed.logprobs, plain.logprobs)
 
 
+def test_sampling_leaves_the_global_random_stream_alone(policy, monkeypatch):
+    """A seeded ``sample`` call, the first one of a process included (it checks once whether bf16 weights can be
+    packed), draws nothing from torch's global generator: a notebook that seeds, samples, then initialises a critic
+    gets the same critic as without the sampling. Mutation seen to fail: that one-time check on random tensors."""
+    import rlnlp.sampling as sampling
+
+    model, tok = policy
+    for dtype in ("fp32", "bf16"):
+        monkeypatch.setenv("RLNLP_DTYPE", dtype)
+        sampling._can_pack.cache_clear()
+        torch.manual_seed(11)
+        sample(model, tok, ["Say hi.", "Name a sea animal, please."], n=2, max_new_tokens=4, temperature=1.0, seed=1)
+        after = torch.rand(3)
+        torch.manual_seed(11)
+        assert torch.equal(after, torch.rand(3)), dtype
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_prefill_skipping_the_padding_changes_nothing(policy, monkeypatch, dtype):
     """A prefill of prompts of very different lengths runs its linear layers on the real tokens only; samples and

@@ -456,66 +456,56 @@ the same operations as transformers' Llama forward in the same order, without it
 
 
 def _lean_decoder(model):
-    """(embedding, rotary embedding, decoder layers, final norm, LM head) of a Llama-family model whose layers all
-    have Llama's layout, or None (then decoding steps go through the model's own forward)."""
+    """(embedding, rotary embedding, decoder layers, final norm, LM head, transformers' ``apply_rotary_pos_emb`` for
+    these layers) of a Llama-family model whose layers all have Llama's layout, or None (then decoding steps go
+    through the model's own forward)."""
+    import sys
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a peft wrapper
     inner = getattr(base, "model", None)
     if getattr(base.config, "model_type", None) not in LEAN_DECODE_MODEL_TYPES or inner is None:
         return None
+    layers = list(inner.layers[: base.config.num_hidden_layers])
+    rope = getattr(sys.modules.get(type(layers[0].self_attn).__module__), "apply_rotary_pos_emb", None)
     parts = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-             "mlp.up_proj", "mlp.down_proj", "mlp.act_fn", "input_layernorm.variance_epsilon",
-             "post_attention_layernorm.variance_epsilon")
-    for layer in inner.layers:
+             "mlp.up_proj", "mlp.down_proj", "mlp.act_fn", "input_layernorm", "post_attention_layernorm")
+    for layer in layers:
         for path in parts:
             obj = layer
             for name in path.split("."):
                 obj = getattr(obj, name, None)
             if obj is None:
                 return None
-    return inner.embed_tokens, inner.rotary_emb, list(inner.layers[: base.config.num_hidden_layers]), inner.norm, \
-        base.lm_head
-
-
-def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """transformers' LlamaRMSNorm, op for op."""
-    dtype = x.dtype
-    x = x.to(torch.float32)
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * x.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (inner.embed_tokens, inner.rotary_emb, layers, inner.norm, base.lm_head, rope) if rope else None
 
 
 def _lean_decode_step(parts, ids: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
     """One decoding step (``ids``, ``pos``: (B, 1)) of a Llama-family model (``_lean_decoder``) against a
     ``_SharedPromptCache``: last-position logits (B, V) in fp32. The same operations in the same order as the model's
-    forward (the same numbers), but the modules' forwards are called directly: no hooks, keyword plumbing, attention
-    mask (the shared-prompt attention reads its own) or output objects. Measured 2026-12-07 (2-core AMD EPYC, bf16,
-    best of three interleaved): the decode-bound sampler case 404 → 430 tok/s, 8 turns of ``bench turns`` 30.4 →
-    25.6 s. A transformers release that changes Llama's operations breaks the bit-for-bit test against the model's
-    forward (``tests/test_sampling.py``), not the samples silently."""
-    embed, rotary, layers, norm, head = parts
+    forward, from its own modules and rotary function (the same numbers), but the modules' forwards are called
+    directly: no hooks, keyword plumbing, attention mask (the shared-prompt attention reads its own) or output objects.
+    Measured 2026-12-07 (2-core AMD EPYC, bf16, best of three interleaved): the decode-bound sampler case 404 → 430
+    tok/s, 8 turns of ``bench turns`` 30.4 → 25.6 s. A transformers release that changes how Llama's layer combines
+    them breaks the bit-for-bit test against the model's forward (``tests/test_sampling.py``), not the samples
+    silently."""
+    embed, rotary, layers, norm, head, rope = parts
     x = embed.forward(ids)
     cos, sin = rotary(x, position_ids=pos)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     B, T, _ = x.shape
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
-        h = _rms_norm(layer.input_layernorm, x)
+        h = layer.input_layernorm.forward(x)
         shape = (B, T, -1, attn.head_dim)
         q = attn.q_proj.forward(h).view(shape).transpose(1, 2)
         k = attn.k_proj.forward(h).view(shape).transpose(1, 2)
         v = attn.v_proj.forward(h).view(shape).transpose(1, 2)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        q, k = rope(q, k, cos, sin)
         k, v = cache.update(k, v, attn.layer_idx)
         out, _ = _shared_prompt_attention(attn, q, k, v, None, scaling=attn.scaling)
         x = x + attn.o_proj.forward(out.reshape(B, T, -1).contiguous())
-        h = _rms_norm(layer.post_attention_layernorm, x)
+        h = layer.post_attention_layernorm.forward(x)
         x = x + mlp.down_proj.forward(mlp.act_fn(mlp.gate_proj.forward(h)) * mlp.up_proj.forward(h))
-    return head.forward(_rms_norm(norm, x)[:, -1:, :])[:, -1, :].float()
+    return head.forward(norm.forward(x)[:, -1:, :])[:, -1, :].float()
 
 
 def _uses_shared_kv(model) -> bool:
@@ -569,6 +559,11 @@ def _real_rows(x: torch.Tensor) -> torch.Tensor | None:
     return real[1] if real is not None and tuple(x.shape[:-1]) == real[0] else None
 
 
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The real tokens of a prefill's hidden state ``x`` (rows, positions, features): (real tokens, features)."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, index)
+
+
 def _scatter_rows(y: torch.Tensor, index: torch.Tensor, shape: tuple) -> torch.Tensor:
     """The outputs ``y`` (real tokens, out) of a linear layer laid back out at ``shape + (out,)``, 0 at the padding."""
     out = y.new_zeros(shape[0] * shape[1], y.shape[-1]).index_copy_(0, index, y)
@@ -578,7 +573,7 @@ def _scatter_rows(y: torch.Tensor, index: torch.Tensor, shape: tuple) -> torch.T
 def _small_batch_linear(self, x):
     index = _real_rows(x)
     if index is not None:  # a prefill with padding: the real tokens only
-        y = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).index_select(0, index), self.weight, self.bias)
+        y = torch.nn.functional.linear(_gather_rows(x, index), self.weight, self.bias)
         return _scatter_rows(y, index, tuple(x.shape[:-1]))
     rows = x.numel() // x.shape[-1] if x.dim() >= 2 else 0
     if rows == 0 or rows > SMALL_BATCH_ROWS or x.shape[-2] != 1:  # decoding steps only: one new token per row
@@ -605,19 +600,22 @@ def _bf16_copy(module: torch.nn.Module, name: str, fresh: dict, packed: bool = F
     weight = getattr(module, name)
     if weight is None:
         return None
-    make = _pack_weight if packed else (lambda w: w.detach().to(torch.bfloat16))
     if weight.requires_grad:
         hit = fresh.get((id(weight), packed))
         if hit is None:
-            hit = fresh[(id(weight), packed)] = make(weight)
+            hit = fresh[(id(weight), packed)] = _bf16_weight(weight, packed)
         return hit
     key = (weight.data_ptr(), weight._version)
     slot = f"_bf16_{name}" + ("_packed" if packed else "")
     hit = module.__dict__.get(slot)
     if hit is None or hit[0] != key:
-        hit = (key, make(weight))
+        hit = (key, _bf16_weight(weight, packed))
         module.__dict__[slot] = hit
     return hit[1]
+
+
+def _bf16_weight(weight: torch.Tensor, packed: bool) -> torch.Tensor:
+    return _pack_weight(weight) if packed else weight.detach().to(torch.bfloat16)
 
 
 def _pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -656,7 +654,7 @@ def _bf16_linear(self, fresh: dict, x):
     if last is not None and last[0] is x and last[1] == x._version:
         xb = last[2]
     else:
-        xb = (x if index is None else x.reshape(-1, x.shape[-1]).index_select(0, index)).to(torch.bfloat16)
+        xb = (x if index is None else _gather_rows(x, index)).to(torch.bfloat16)
         fresh["input"] = (x, x._version, xb)  # holding x keeps its identity from passing to a new tensor
     bias = _bf16_copy(self, "bias", fresh)
     if PACK_WEIGHTS and _can_pack():

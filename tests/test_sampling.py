@@ -487,8 +487,8 @@ def test_prefill_skipping_the_padding_changes_nothing(policy, monkeypatch, dtype
 def test_lean_decoding_steps_equal_the_model_forward(policy, monkeypatch, dtype):
     """Decoding steps of a Llama-family model skip transformers' per-call machinery: samples and log-probs are those of
     the model's own forward, bit for bit, in both precisions, for the plain policy and through a LoRA wrapper.
-    Mutations seen to fail: the lean layer's norm without its epsilon; its query projection skipping the LoRA
-    adapter."""
+    Mutations seen to fail: the lean layer adding the attention output without the residual; its query projection
+    skipping the LoRA adapter."""
     import rlnlp.sampling as sampling
     from rlnlp.models import attach_lora
 

@@ -319,10 +319,77 @@ def test_turn_cache_log_probs_equal_rescoring_the_whole_conversation(policy):
     _turns(model, tok, conversations, [0, 1, 2], cache, seed=0)
     a, b = cache.episodes[0], cache.episodes[1]
     m = min(len(a.ids), len(b.ids))
-    a.kv, b.kv = [(k[:, :, :m], v[:, :, :m]) for k, v in b.kv], [(k[:, :, :m], v[:, :, :m]) for k, v in a.kv]
+    (a.batch, a.row), (b.batch, b.row) = (b.batch, b.row), (a.batch, a.row)
     a.ids, b.ids = a.ids[:m], b.ids[:m]
     s = _turns(model, tok, conversations, [0, 1, 2], cache, seed=1)
     assert (s.logprobs - _rescored(model, s)).abs().max() > 0.05
+
+
+def test_turn_rows_read_the_leading_keys_they_all_hold_from_one_copy(policy, monkeypatch):
+    """The keys every row holds bit for bit (the chat template's system block) are read from one copy, for as many
+    tokens as all prompts share; a row whose copy of them differs (here: one key changed) is not given another row's.
+    Mutations seen to fail: no comparison of rows from different copies (the changed row reads the others' keys);
+    sharing switched off (no shared copy)."""
+    import copy
+
+    import rlnlp.sampling as sampling
+    from rlnlp.sampling import TurnCache, shared_prefix_length
+
+    model, tok = policy
+    made = []
+    real_init = sampling._SharedPromptCache.__init__
+    monkeypatch.setattr(sampling._SharedPromptCache, "__init__",
+                        lambda self, *a, **k: made.append(self) or real_init(self, *a, **k))
+    conversations = {e: [{"role": "user", "content": OPENINGS[e]}] for e in range(3)}
+    cache = TurnCache()
+    _turns(model, tok, conversations, [0, 1, 2], cache, seed=0)
+    made.clear()
+    s = _turns(model, tok, conversations, [0, 1, 2], cache, seed=1)
+    prompts = [s.prompt_ids[i][s.prompt_mask[i].bool()].tolist() for i in range(3)]
+    common = min(shared_prefix_length(prompts[0], p) for p in prompts[1:])
+    assert common >= sampling.SHARED_PREFIX_MIN_TOKENS and made[0].prefix is not None
+    assert made[0].prefix[0][0].shape[2] == common
+    assert (s.logprobs - _rescored(model, s)).abs().max() < 1e-4
+    assert all(cache.episodes[e].base is made[0].prefix for e in range(3))  # the next turn knows they are equal
+
+    def next_turn(cache, share):  # the same turn from copies of the same cache, with and without sharing
+        monkeypatch.setattr(sampling, "SHARE_TURN_PREFIX", share)
+        made.clear()
+        out = _turns(model, tok, copy.deepcopy(conversations), [0, 1, 2], copy.deepcopy(cache), seed=2)
+        return out, made[0]
+
+    for e in range(3):  # forget that the copies are one: the rows are compared (equal: still shared)
+        cache.episodes[e].base = None
+    shared, seen = next_turn(cache, True)
+    plain, _ = next_turn(cache, False)
+    assert seen.prefix is not None and not torch.equal(shared.logprobs, plain.logprobs)
+    entry = cache.episodes[1]  # one of row 1's leading keys changed: its rows read their own keys
+    entry.batch = [(k.clone(), v.clone()) for k, v in entry.batch]
+    entry.batch[0][0][entry.row, :, 0] += 1.0
+    shared, seen = next_turn(cache, True)
+    plain, _ = next_turn(cache, False)
+    assert seen.prefix is None and torch.equal(shared.logprobs, plain.logprobs)
+
+
+def test_grouped_prefill_attention_is_attention(monkeypatch):
+    """The multi-turn prefill's attention (key heads shared by groups of query heads, a boolean mask) equals torch's
+    attention over keys repeated per query head wherever a query sees a key, and stays finite for a padding query that
+    sees none. Mutations seen to fail: the mask not applied; the scale applied twice."""
+    from rlnlp.sampling import _grouped_prefill_attention
+
+    torch.manual_seed(0)
+    B, Hk, g, U, T, d = 3, 2, 3, 4, 9, 8
+    q, k, v = torch.randn(B, Hk * g, U, d), torch.randn(B, Hk, T, d), torch.randn(B, Hk, T, d)
+    mask = torch.arange(T)[None, :] <= torch.arange(T - U, T)[:, None]  # causal over the last U positions
+    mask = mask[None, None].repeat(B, 1, 1, 1)
+    mask[1, :, :, :3] = False  # row 1: left padding
+    mask[2, :, 0, :] = False  # row 2: a padding query that sees nothing
+    out, _ = _grouped_prefill_attention(None, q, k, v, mask, scaling=0.3)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                                           attn_mask=mask, scale=0.3).transpose(1, 2)
+    seen = mask[:, 0].any(-1)  # (B, U)
+    assert out.shape == (B, U, Hk * g, d) and torch.isfinite(out).all()
+    assert torch.allclose(out[seen], ref[seen], atol=1e-5) and not seen.all()
 
 
 def test_turn_cache_rows_end_at_different_turns(policy):

@@ -397,7 +397,8 @@ class _SharedPromptCache:
     def rows_kv(self, lines: list[int], positions: list[torch.Tensor]) -> list:
         """The keys and values of rows ``lines`` at ``positions[j]`` of row ``lines[j]``'s sequence [prefix | suffix |
         completion so far], gathered for all the rows in one call per layer (not one per row and layer): per layer
-        ``(K, V)`` of shape (len(lines), Hk, W, d), row j's keys in ``K[j, :, :len(positions[j])]``, zeros after."""
+        ``(K, V)`` of shape (len(lines), Hk, W, d), row j's keys in ``K[j, :, :len(positions[j])]`` (beyond: filler,
+        never read)."""
         sel = torch.as_tensor(lines, device=self.owner.device)
         W = max(len(p) for p in positions)
         index = torch.zeros(len(lines), W, dtype=torch.long, device=sel.device)
@@ -988,8 +989,8 @@ class _Turns:
             logits, cache = _forward(model, kw, sfx_ids, mask, pos, cache)
         if shared_kv:  # the growing buffers hold exactly the prompt
             if P:
-                shared = base if base[0][0].shape[2] == P else [(k[:, :, :P].contiguous(), v[:, :, :P].contiguous())
-                                                                 for k, v in base]
+                whole = base[0][0].shape[2] == P and base[0][0].is_contiguous()  # else one exact-size copy
+                shared = base if whole else [(k[:, :, :P].contiguous(), v[:, :, :P].contiguous()) for k, v in base]
                 rest = [(layer.keys[:, :, P:].contiguous(), layer.values[:, :, P:].contiguous())
                         for layer in cache.layers]
             else:  # every layer's keys are one contiguous block

@@ -311,6 +311,13 @@ other model decodes from a per-row copy of the prompt's cache (same results, mor
 _SHARED_ATTENTION = "rlnlp_shared_prompt"
 
 
+def _flat_rows(rows: torch.Tensor, heads: int, length: int, positions: torch.Tensor) -> torch.Tensor:
+    """Indices into a (·, heads, length, d) tensor viewed as (· × heads × length, d): row ``rows``, every head, position
+    ``positions`` (``rows`` and ``positions`` broadcast together): shape (heads, *their shape)."""
+    h = torch.arange(heads, device=rows.device).view(-1, *([1] * max(rows.dim(), positions.dim())))
+    return (rows * heads + h) * length + positions
+
+
 class _SharedPromptCache:
     """The decode-time cache of one batch, three levels deep, so that nothing shared is stored twice:
 
@@ -416,7 +423,7 @@ class _SharedPromptCache:
                     parts.append(self.gen[i][j][sel, :, : self.filled[i]])
                 full = torch.cat(parts, 2)  # (n, Hk, T, d)
                 n, H, T, d = full.shape
-                rows = (torch.arange(n * H, device=sel.device) * T).view(n, H, 1) + index[:, None, :]  # (n, Hk, W)
+                rows = _flat_rows(torch.arange(n, device=sel.device)[:, None], H, T, index).transpose(0, 1)
                 kv.append(full.view(n * H * T, d).index_select(0, rows.flatten()).view(n, H, W, d))
             out.append(tuple(kv))
         return out
@@ -875,13 +882,7 @@ class _Episode:
     ids: list[int]  # the tokens whose keys and values are kept: the last prompt and its completion but the last token
     batch: list  # per layer (K, V), (rows, Hk, ≥ len(ids), d): the keys of the rows stored with this one
     row: int  # this episode's row of ``batch``
-    base: list | None = None  # per layer (k, v) (1, Hk, P, d): a copy every row of its batch shared, equal to kv[:P]
-
-    @property
-    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer: keys, values (1, Hk, len(ids), d) (views)."""
-        n, r = len(self.ids), self.row
-        return [(k[r : r + 1, :, :n], v[r : r + 1, :, :n]) for k, v in self.batch]
+    base: list | None = None  # per layer (k, v) (1, Hk, P, d): a copy all rows of its batch shared (its first P keys)
 
 
 class TurnCache:
@@ -944,39 +945,38 @@ class _Turns:
         EPYC), and the leading keys that every row holds bit for bit (``_shared_start``: the chat template's system
         block and a game's rules) are read once per step for all rows instead of once per row."""
         prefix_kv, L = prefix
-        starts, entries = [], []  # per row: (length, per-layer (k, v) (1, Hk, ≥ length, d) or None, shared base)
+        # per row: (reused length k, per-layer (K, V) (rows, Hk, ≥ k, d) holding its keys or None, its row of them,
+        # the shared copy its first keys came from or None)
+        starts = []
         for r in rows:
             k = self.reuse[r]
             entry = self.cache.episodes.get(self.episodes[r])
             if entry is not None and k >= max(L, 1):
-                starts.append((k, entry.kv, entry.base))
-                entries.append(entry)
+                starts.append((k, entry.batch, entry.row, entry.base))
                 self.cache.reused_tokens += k
             elif L:
-                starts.append((L, prefix_kv, prefix_kv))
-                entries.append(None)
+                starts.append((L, prefix_kv, 0, prefix_kv))
             else:
-                starts.append((0, None, None))
-                entries.append(None)
+                starts.append((0, None, 0, None))
         P, base = self._shared_start(rows, prompt_ids, starts) if shared_kv and SHARE_TURN_PREFIX else (0, None)
-        S0 = max(k for k, _, _ in starts) - P
-        sfx_ids, sfx_mask = _left_pad([prompt_ids[r][k:] for r, (k, _, _) in zip(rows, starts)], pad, dev)  # (B, U)
+        S0 = max(k for k, *_ in starts) - P
+        sfx_ids, sfx_mask = _left_pad([prompt_ids[r][k:] for r, (k, *_) in zip(rows, starts)], pad, dev)  # (B, U)
         self.cache.prefilled_tokens += int(sfx_mask.sum())
         B, U = sfx_ids.shape
         cache = _growing_cache(model, P + S0 + U + (0 if shared_kv else max_new_tokens))
         start_mask = torch.zeros(B, S0, dtype=sfx_mask.dtype, device=dev)
-        for b, (k, _, _) in enumerate(starts):
+        for b, (k, *_) in enumerate(starts):
             start_mask[b, S0 - (k - P) :] = 1
         if P or S0:  # each layer's buffers: [shared keys][zeros][the row's own reused keys], written in place
-            like = base if P else next(kv for k, kv, _ in starts if k)
-            bufs = [layer.reserve(like[i][0].expand(B, -1, -1, -1), P + S0) for i, layer in enumerate(cache.layers)]
+            like = base if P else next(keys for k, keys, _, _ in starts if k)
+            bufs = [layer.reserve(like[i][0][:1].expand(B, -1, -1, -1), P + S0) for i, layer in enumerate(cache.layers)]
             if P:
                 for (kb, vb), (k, v) in zip(bufs, base):
                     kb[:, :, :P], vb[:, :, :P] = k[:, :, :P], v[:, :, :P]
             if S0:
                 for kb, vb in bufs:
                     kb[:, :, P : P + S0].zero_(), vb[:, :, P : P + S0].zero_()
-                self._copy_reused(bufs, starts, entries, P, S0, prefix_kv)
+                self._copy_reused(bufs, starts, P, S0)
         attn = torch.cat([torch.ones(B, P, dtype=sfx_mask.dtype, device=dev), start_mask, sfx_mask], dim=1)
         pos = position_ids_from_mask(attn)[:, -U:]
         mask, grouped = attn, contextlib.nullcontext()
@@ -1000,29 +1000,25 @@ class _Turns:
         return logits, cache, attn, pos, shared_kv
 
     @staticmethod
-    def _copy_reused(bufs, starts, entries, P: int, S0: int, prefix_kv) -> None:
+    def _copy_reused(bufs, starts, P: int, S0: int) -> None:
         """Write each row's reused keys after the shared ones, ``[P, k)``, right-aligned in positions ``[P, P + S0)`` of
         the layers' buffers ``bufs`` (per layer (K, V) (B, Hk, capacity, d)). The rows stored together by a previous
         turn (one ``batch``) are copied with one indexed copy per layer: a copy per row and layer took ~1.4 s of the
         64-episode × 10-turn benchmark's ~30 s (2026-12-07, 2-core AMD EPYC, bf16)."""
-        groups: dict = {}  # id(batch) -> (batch, [(row of this call, row of the batch, length)])
-        for b, ((k, _, _), entry) in enumerate(zip(starts, entries)):
+        groups: dict = {}  # id(keys) -> (keys, [(row of this call, row of keys, length)])
+        for b, (k, keys, row, _) in enumerate(starts):
             if k > P:
-                batch, row = (entry.batch, entry.row) if entry is not None else (prefix_kv, 0)
-                groups.setdefault(id(batch), (batch, []))[1].append((b, row, k))
+                groups.setdefault(id(keys), (keys, []))[1].append((b, row, k))
         Hk, C, d = bufs[0][0].shape[1:]
-        for batch, members in groups.values():
+        for keys, members in groups.values():
             dst_rows, src_rows, ks = (torch.as_tensor(x) for x in zip(*members))
             n = ks - P  # keys per row
-            W = batch[0][0].shape[2]
             row = torch.repeat_interleave(torch.arange(len(members)), n)  # one entry per copied position
             w = torch.arange(len(row)) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)  # 0 … n-1 within a row
-            h = torch.arange(Hk)[:, None]
-            src = ((src_rows[row] * Hk + h) * W + P + w).flatten()
-            dst = ((dst_rows[row] * Hk + h) * C + P + S0 - n[row] + w).flatten()
             dev = bufs[0][0].device
-            src, dst = src.to(dev), dst.to(dev)
-            for (kb, vb), (k, v) in zip(bufs, batch):  # (a cache kept from a call in another precision is cast)
+            src = _flat_rows(src_rows[row], Hk, keys[0][0].shape[2], P + w).flatten().to(dev)
+            dst = _flat_rows(dst_rows[row], Hk, C, P + S0 - n[row] + w).flatten().to(dev)
+            for (kb, vb), (k, v) in zip(bufs, keys):  # (a cache kept from a call in another precision is cast)
                 kb.view(-1, d).index_copy_(0, dst, k.reshape(-1, d).index_select(0, src).to(kb.dtype))
                 vb.view(-1, d).index_copy_(0, dst, v.reshape(-1, d).index_select(0, src).to(vb.dtype))
 
@@ -1032,20 +1028,21 @@ class _Turns:
         bit), to be read from ``keys`` (per layer (k, v), (1, Hk, ≥ P, d)) by all rows; (0, None) when they are not
         or P is under ``SHARED_PREFIX_MIN_TOKENS``. Rows whose keys came from one shared copy (the call's shared
         prefix, or a previous turn's ``base``) are known equal; any other row is compared."""
-        if len(rows) < 2 or any(kv is None for _, kv, _ in starts):
+        if len(rows) < 2 or any(keys is None for _, keys, _, _ in starts):
             return 0, None
         first = prompt_ids[rows[0]]
-        P = min(k for k, _, _ in starts)
+        P = min(k for k, *_ in starts)
         for r in rows[1:]:
             P = min(P, shared_prefix_length(first, prompt_ids[r]))
         if P < SHARED_PREFIX_MIN_TOKENS:
             return 0, None
-        source = next((base for _, _, base in starts if base is not None and base[0][0].shape[2] >= P), starts[0][1])
-        for _, kv, base in starts:
-            if base is source or kv is source:
-                continue
-            if not all(torch.equal(a[:, :, :P], b[:, :, :P]) for layer, ref in zip(kv, source)
-                       for a, b in zip(layer, ref)):
+        source = next((base for *_, base in starts if base is not None and base[0][0].shape[2] >= P), None)
+        if source is None:  # the first row's own keys
+            _, keys, row, _ = starts[0]
+            source = [(k[row : row + 1], v[row : row + 1]) for k, v in keys]
+        for _, keys, row, base in starts:
+            if base is not source and not all(torch.equal(a[row : row + 1, :, :P], b[:, :, :P])
+                                              for layer, ref in zip(keys, source) for a, b in zip(layer, ref)):
                 return 0, None
         return P, source
 
